@@ -1,0 +1,31 @@
+"""The engine's public configuration."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from worker.config import WorkerConfig
+
+
+class EngineConfig(WorkerConfig):
+    """Everything `RolloutEngine` needs: the worker's settings plus the scheduler's.
+
+    Build it directly or pass the same fields as keyword arguments to `RolloutEngine`.
+    """
+
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences (samples) running at once.")
+    max_num_batched_tokens: int = Field(
+        8192, ge=1, description="Most tokens computed in one step; longer prompts are prefilled in chunks."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of earlier requests with the same prefix.")
+
+    @model_validator(mode="after")
+    def _check_block_budget(self) -> "EngineConfig":
+        if self.num_kv_blocks is not None and self.max_model_len is not None:
+            needed = -(-self.max_model_len // self.block_size)
+            if self.num_kv_blocks < needed:
+                raise ValueError(
+                    f"num_kv_blocks={self.num_kv_blocks} cannot hold one sequence of max_model_len="
+                    f"{self.max_model_len} tokens: it needs at least {needed} blocks of {self.block_size}"
+                )
+        return self

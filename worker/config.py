@@ -1,0 +1,48 @@
+"""Configuration the worker needs: which model, on which device, how much KV cache."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class WorkerConfig(BaseModel):
+    """Model, device and KV-cache settings of one worker.
+
+    `EngineConfig` extends this with the scheduler's settings; a worker only ever
+    sees these fields.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    model: str = Field(description="Path of a Hugging Face checkpoint directory (config.json + safetensors).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute and weight dtype. 'auto': float32 on CPU, the checkpoint's dtype on CUDA."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = Field(0, ge=0, description="Seed for requests that do not carry their own.")
+    max_model_len: Optional[int] = Field(
+        None, ge=1, description="Longest prompt + output in tokens. Default: the model's max_position_embeddings."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    num_kv_blocks: Optional[int] = Field(None, ge=1, description="KV-cache blocks. Default: from the memory budget.")
+    kv_cache_memory_bytes: Optional[int] = Field(
+        None, ge=1, description="KV-cache budget in bytes when num_kv_blocks is unset. CPU default: 256 MiB."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="On CUDA, fraction of device memory the worker may use (KV cache sized to fit)."
+    )
+    enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
+    attention_backend: Literal["auto", "reference"] = Field(
+        "auto", description="'reference': the pure-torch paged backend (CPU and GPU). 'auto' picks the best available."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
