@@ -1,0 +1,26 @@
+"""rollout-engine: the rollout (sampling) engine for RL post-training."""
+
+from rollout.config import EngineConfig
+from rollout.engine import RolloutEngine
+from rollout.errors import InvalidRequestError
+from rollout.outputs import RolloutOutput, Sample
+from rollout.sampling_params import SamplingParams
+from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
+from worker.config import WorkerConfig
+from worker.errors import CheckpointError, UnsupportedArchitectureError
+
+__all__ = [
+    "Batch",
+    "CheckpointError",
+    "EngineConfig",
+    "InvalidRequestError",
+    "RolloutEngine",
+    "RolloutOutput",
+    "Sample",
+    "SamplingInfo",
+    "SamplingParams",
+    "SeqChunk",
+    "StepOutput",
+    "UnsupportedArchitectureError",
+    "WorkerConfig",
+]

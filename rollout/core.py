@@ -1,0 +1,134 @@
+"""The step loop: schedule, execute on the worker, append tokens, finish sequences."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rollout.block_manager import BlockManager
+from rollout.config import EngineConfig
+from rollout.sampling_params import SamplingParams
+from rollout.scheduler import ScheduledSeq, Scheduler
+from rollout.sequence import Sequence
+from worker.batch import Batch, SamplingInfo, SeqChunk
+from worker.worker import Worker
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+_SEED_MASK = (1 << 63) - 1
+
+
+class EngineCore:
+    """Owns the scheduler and the block manager; drives one worker one step at a time."""
+
+    def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: set[int], tokenizer=None):
+        self.worker = worker
+        self.max_model_len = worker.max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(worker.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.weight_version = 0
+        self._next_seq_id = 0
+        self._next_group = 0
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int) -> list[Sequence]:
+        """Queue the n samples of one prompt; sample j draws from its own seed derived from `seed`."""
+        group = self._next_group
+        self._next_group += 1
+        seqs = []
+        for j in range(params.n):
+            seq = Sequence(
+                seq_id=self._next_seq_id,
+                request_id=request_id,
+                index=j,
+                prompt_len=len(prompt),
+                token_ids=list(prompt),
+                params=params,
+                seed=(seed + j * _SEED_STRIDE) & _SEED_MASK,
+                group=group,
+            )
+            self._next_seq_id += 1
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """Run one step; returns the sequences that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        output = self.worker.execute(Batch([self._chunk(s) for s in scheduled]))
+        finished, row = [], 0
+        for item in scheduled:
+            samples = item.samples
+            item.seq.num_computed += item.num_new
+            self.block_manager.commit(item.seq)
+            if not samples:
+                continue
+            self._append(item.seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
+            row += 1
+            if item.seq.finish_reason is not None:
+                self.scheduler.finish(item.seq)
+                finished.append(item.seq)
+        return finished
+
+    def abort_all(self) -> None:
+        """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
+        self.scheduler.abort_all()
+
+    def _chunk(self, item: ScheduledSeq) -> SeqChunk:
+        seq = item.seq
+        start = seq.num_computed
+        chunk = SeqChunk(seq.token_ids[start : start + item.num_new], start, list(seq.block_table))
+        if item.samples:
+            p = seq.params
+            banned = []
+            if seq.num_output < p.min_tokens:
+                banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+            chunk.sampling = SamplingInfo(
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                seed=seq.seed,
+                step=seq.num_output,
+                logprobs_mode=p.logprobs_mode if (p.logprobs or p.top_logprobs) else None,
+                top_logprobs=p.top_logprobs,
+                banned_token_ids=banned,
+            )
+        return chunk
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        seq.token_ids.append(token)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)
+        if seq.params.top_logprobs:
+            seq.top_logprobs.append(dict(top))
+        reason, stop = self._stop_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+
+    def _stop_reason(self, seq: Sequence, token: int) -> tuple[Optional[str], Optional[int | str]]:
+        p = seq.params
+        if seq.num_output >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop", token
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if p.stop and self._find_stop_string(seq):
+                return "stop", seq.stop_reason
+        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _find_stop_string(self, seq: Sequence) -> bool:
+        """Decode the output; on a stop string, keep the text before it and record which one."""
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        found = [(text.find(s), s) for s in seq.params.stop if s in text]
+        if not found:
+            return False
+        index, stop = min(found)
+        seq.text, seq.stop_reason = text[:index], stop
+        return True

@@ -1,0 +1,134 @@
+"""`RolloutEngine`: the public entry point."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Iterable, Optional, Sequence as Seq, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from rollout.config import EngineConfig
+from rollout.core import EngineCore
+from rollout.outputs import RolloutOutput, Sample
+from rollout.sampling_params import SamplingParams
+from rollout.sequence import Sequence
+from rollout.validation import check_requests, load_eos_token_ids, load_tokenizer
+from worker.worker import Worker
+
+Prompt = Union[list[int], str]
+
+
+class RolloutEngine:
+    """Generates samples with exact per-token logprobs from a Hugging Face checkpoint.
+
+    `RolloutEngine(EngineConfig(...))` or `RolloutEngine(model="ckpt_dir", **config_fields)`.
+    """
+
+    def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
+        if config is None:
+            config = EngineConfig(**kwargs)
+        elif kwargs:
+            raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(kwargs)})")
+        if config.enable_sleep_mode:
+            raise NotImplementedError("enable_sleep_mode=True: the sleepable memory pool is not available yet")
+        self.config = config
+        self.worker = Worker(config)
+        self.worker.init_device()
+        self.worker.load_model()
+        self.worker.init_cache()
+        self.tokenizer = load_tokenizer(Path(config.model))
+        self.vocab_size = int(self.worker.hf_config.vocab_size)
+        eos = load_eos_token_ids(Path(config.model), self.worker.hf_config)
+        self.core = EngineCore(config, self.worker, eos, self.tokenizer)
+        self._rng = random.Random(config.seed)
+        self._next_request = 0
+        self._lock = threading.Lock()
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights now serving: 0 for the checkpoint's, then each update's."""
+        return self.core.weight_version
+
+    @property
+    def max_model_len(self) -> int:
+        return self.worker.max_model_len
+
+    def generate(
+        self,
+        prompts: Seq[Prompt],
+        sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RolloutOutput]:
+        """Sample completions for each prompt (token-id lists, or strings with a tokenizer).
+
+        `sampling_params` is one SamplingParams for all prompts or one per prompt.
+        Every request is checked before any work starts; outputs keep prompt order.
+        A progress bar appears on calls longer than a second unless `use_tqdm=False`.
+        """
+        token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
+                                               self.max_model_len)
+        with self._lock:
+            requests = [self._add(prompt, p) for prompt, p in zip(token_prompts, params)]
+            total = sum(len(seqs) for _, seqs in requests)
+            with tqdm(total=total, disable=not use_tqdm, delay=1.0, desc="Generating", unit="sample") as bar:
+                self._run(bar)
+            return [self._output(rid, prompt, seqs) for (rid, seqs), prompt in zip(requests, token_prompts)]
+
+    def _add(self, prompt: list[int], params: SamplingParams) -> tuple[str, list[Sequence]]:
+        request_id = str(self._next_request)
+        self._next_request += 1
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return request_id, self.core.add_request(request_id, prompt, params, seed)
+
+    def _run(self, bar) -> None:
+        try:
+            while self.core.has_work():
+                bar.update(len(self.core.step()))
+        except BaseException:
+            self.core.abort_all()
+            raise
+
+    def _output(self, request_id: str, prompt: list[int], seqs: list[Sequence]) -> RolloutOutput:
+        return RolloutOutput(request_id=request_id, prompt_token_ids=prompt, samples=[self._sample(s) for s in seqs])
+
+    def _sample(self, seq: Sequence) -> Sample:
+        text = seq.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        return Sample(
+            token_ids=seq.output_ids,
+            logprobs=seq.logprobs if seq.params.logprobs else None,
+            top_logprobs=seq.top_logprobs if seq.params.top_logprobs else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            weight_version=self.core.weight_version,
+            text=text,
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: Optional[int] = None) -> int:
+        """Load checkpoint-format (Hugging Face name, tensor) pairs into the live model.
+
+        Any subset of the model's tensors may be given. All are checked (names,
+        shapes, floating dtype) before any is copied, so a rejected update leaves
+        the old weights serving. `version` must be newer than `weight_version`
+        (default: one more). The prefix cache is cleared. Returns the new version.
+        """
+        with self._lock:
+            new = self.weight_version + 1 if version is None else version
+            if new <= self.weight_version:
+                raise ValueError(f"version {new} is not newer than the serving weight_version {self.weight_version}")
+            self.worker.load_weights(weights)
+            self.core.block_manager.reset_prefix_cache()
+            self.core.weight_version = new
+            return new
+
+    def shutdown(self) -> None:
+        """Release the model and the KV cache."""
+        with self._lock:
+            self.worker.runner = None
+            self.worker.model = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

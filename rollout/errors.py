@@ -1,0 +1,5 @@
+"""Errors raised by the engine for bad requests."""
+
+
+class InvalidRequestError(ValueError):
+    """A prompt or sampling setting the engine cannot serve; nothing was started."""

@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face checkpoints, shrunk from ../shared/models, saved with save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=384,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (config class, architecture-specific fields)
+VARIANTS = {
+    "llama3": (LlamaConfig, dict(
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=64),
+    )),
+    "llama-tied": (LlamaConfig, dict(tie_word_embeddings=True, rope_parameters=dict(rope_theta=10000.0))),
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True, rope_parameters=dict(rope_theta=1000000.0))),
+    "qwen3": (Qwen3Config, dict(tie_word_embeddings=True, head_dim=32, rope_parameters=dict(rope_theta=1000000.0))),
+    "qwen3-untied": (Qwen3Config, dict(tie_word_embeddings=False, head_dim=16, num_key_value_heads=1,
+                                       rope_parameters=dict(rope_theta=1000000.0))),
+}
+
+
+def make_config(variant: str, **overrides):
+    cls, fields = VARIANTS[variant]
+    return cls(**{**TINY, **fields, **overrides})
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
+    """Random, non-zero values everywhere (biases and norm weights too), large enough for peaked logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * std
+            param.copy_(1.0 + noise * 0.4 if "norm" in name else noise)
+
+
+def save_checkpoint(path: Path, variant: str = "qwen3", seed: int = 0, **overrides) -> Path:
+    """Build a random model of `variant`, save it as a real safetensors checkpoint, return the directory."""
+    config = make_config(variant, **overrides)
+    config.architectures = [config.architectures[0] if config.architectures else _arch(variant)]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, seed)
+    model.save_pretrained(path)
+    return Path(path)
+
+
+def _arch(variant: str) -> str:
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
+        variant.split("-")[0].rstrip("3") if variant.startswith("llama") else variant.split("-")[0]
+    ]
+
+
+def load_reference(path: Path):
+    """The transformers model of a saved checkpoint, fp32, eval mode."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -1,0 +1,5 @@
+"""Attention backends over the paged KV cache."""
+
+from worker.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]

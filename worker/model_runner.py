@@ -1,0 +1,93 @@
+"""Turns a Batch into tensors, runs the model over the paged cache, samples on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.attention import AttentionBackend, AttentionMetadata
+from worker.batch import Batch, SamplingInfo, StepOutput
+from worker.models.llama import CausalLM, ForwardContext
+from worker.sampler import SamplingTensors, sample
+
+
+class ModelRunner:
+    """Executes steps for one model and one KV cache on one device."""
+
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], backend: AttentionBackend, block_size: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.vocab_size = model.config.vocab_size
+        self.device = kv_caches[0].device
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> StepOutput:
+        """Compute the batch's tokens into the cache; sample for the chunks that ask for it."""
+        input_ids, positions, meta, logits_rows = self._prepare(batch)
+        self.backend.prepare(meta, self.block_size)
+        hidden = self.model(input_ids, positions, ForwardContext(self.backend, meta, self.kv_caches))
+        infos = [c.sampling for c in batch.chunks if c.sampling is not None]
+        if not infos:
+            return StepOutput([], [], [])
+        logits = self.model.compute_logits(hidden[logits_rows])
+        out = sample(logits, self._sampling_tensors(infos))
+        host = torch.cat([out.token_ids[:, None].double(), out.logprobs[:, None].double(),
+                          out.top_ids.double(), out.top_logprobs.double()], dim=1).cpu()
+        return _to_step_output(host, infos)
+
+    def _prepare(self, batch: Batch):
+        tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []
+        bs = self.block_size
+        for chunk in batch.chunks:
+            n = len(chunk.token_ids)
+            pos = range(chunk.start_pos, chunk.start_pos + n)
+            tokens.extend(chunk.token_ids)
+            positions.extend(pos)
+            slots.extend(chunk.block_table[p // bs] * bs + p % bs for p in pos)
+            starts.append(starts[-1] + n)
+            seq_lens.append(chunk.start_pos + n)
+            if chunk.sampling is not None:
+                rows.append(starts[-1] - 1)
+        width = max(len(c.block_table) for c in batch.chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in batch.chunks]
+        meta = AttentionMetadata(
+            query_start_loc=self._tensor(starts),
+            seq_lens=self._tensor(seq_lens),
+            block_tables=self._tensor(tables),
+            slot_mapping=self._tensor(slots),
+            max_query_len=max(starts[i + 1] - starts[i] for i in range(len(seq_lens))),
+            max_seq_len=max(seq_lens),
+        )
+        return self._tensor(tokens), self._tensor(positions), meta, self._tensor(rows)
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _sampling_tensors(self, infos: list[SamplingInfo]) -> SamplingTensors:
+        banned = [(i, tok) for i, info in enumerate(infos) for tok in info.banned_token_ids]
+        f32 = torch.float32
+        return SamplingTensors(
+            temperature=self._tensor([i.temperature for i in infos], f32),
+            top_k=self._tensor([i.top_k if i.top_k > 0 else self.vocab_size for i in infos]),
+            top_p=self._tensor([i.top_p if i.top_p < 1.0 else 2.0 for i in infos], f32),
+            min_p=self._tensor([i.min_p for i in infos], f32),
+            seeds=self._tensor([i.seed for i in infos]),
+            steps=self._tensor([i.step for i in infos]),
+            use_raw=self._tensor([i.logprobs_mode == "raw" for i in infos], torch.bool),
+            banned_rows=self._tensor([r for r, _ in banned]),
+            banned_cols=self._tensor([t for _, t in banned]),
+            needs_sort=any(0 < i.top_k < self.vocab_size or i.top_p < 1.0 for i in infos),
+            needs_min_p=any(i.min_p > 0 for i in infos),
+            max_top_logprobs=max(i.top_logprobs for i in infos),
+        )
+
+
+def _to_step_output(host: torch.Tensor, infos: list[SamplingInfo]) -> StepOutput:
+    k = (host.shape[1] - 2) // 2
+    rows = host.tolist()
+    top = [
+        [(int(row[2 + j]), row[2 + k + j]) for j in range(info.top_logprobs)]
+        for row, info in zip(rows, infos)
+    ]
+    return StepOutput([int(r[0]) for r in rows], [r[1] for r in rows], top)

@@ -1,0 +1,118 @@
+"""Building blocks of the decoder models, numerically matched to transformers."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, Optional[object]], None]
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: Optional[object] = None) -> None:
+    """Copy a whole checkpoint tensor into a parameter (casting its dtype)."""
+    param.data.copy_(loaded)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, like transformers' LlamaRMSNorm."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class FusedLinear(nn.Module):
+    """A linear layer whose output rows are several checkpoint tensors stacked.
+
+    `shards` maps a shard id (e.g. "q", "k", "v" or 0, 1) to its output size, in
+    order; the checkpoint's separate projections load into their row ranges.
+    """
+
+    def __init__(self, in_features: int, shards: dict[object, int], bias: bool):
+        super().__init__()
+        self.offsets: dict[object, tuple[int, int]] = {}
+        start = 0
+        for shard, size in shards.items():
+            self.offsets[shard] = (start, size)
+            start += size
+        self.weight = nn.Parameter(torch.empty(start, in_features))
+        self.weight.weight_loader = self.load_shard
+        self.bias = nn.Parameter(torch.empty(start)) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.load_shard
+
+    def shard_shape(self, param: nn.Parameter, shard: object) -> tuple[int, ...]:
+        """Checkpoint shape of one shard of `param`."""
+        return (self.offsets[shard][1], *param.shape[1:])
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: Optional[object]) -> None:
+        start, size = self.offsets[shard]
+        param.data.narrow(0, start, size).copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a fused [.., 2 * I] gate_up projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies for the rope parameters of a config ('default' and 'llama3')."""
+    base = float(rope.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, rope)
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: 'default', 'llama3'")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
+    factor = rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding with cos/sin tables for every position (a non-weight buffer)."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: dict):
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, rope)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

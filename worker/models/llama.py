@@ -1,0 +1,184 @@
+"""The Llama family decoder in kernel format: Llama, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Parameters are fused (`qkv_proj`, `gate_up_proj`); `load_weights` maps the
+Hugging Face checkpoint names (q_proj, k_proj, v_proj, gate_proj, up_proj) into
+their row ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from worker.attention import AttentionBackend, AttentionMetadata
+from worker.models.layers import FusedLinear, RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
+
+
+@dataclass
+class ArchOptions:
+    """What distinguishes the members of the family."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    mlp_bias: bool = False
+
+
+@dataclass
+class ForwardContext:
+    """What every attention layer needs for one step."""
+
+    backend: AttentionBackend
+    meta: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+
+
+# checkpoint projection -> (fused kernel parameter, shard id)
+STACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = FusedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, opts.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.meta, self.scale)
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, opts: ArchOptions):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, {0: size, 1: size}, opts.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=opts.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, opts, rotary)
+        self.mlp = MLP(config, opts)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, opts: ArchOptions, max_positions: int):
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, opts, rotary) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+
+def rope_parameters(config) -> dict:
+    """Rope settings from a transformers config (v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`)."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    params = dict(getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head, with the checkpoint-name mapping for loading."""
+
+    def __init__(self, config, opts: ArchOptions, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, opts, max_positions)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def map_name(self, name: str) -> Optional[tuple[str, object]]:
+        """Kernel parameter name and shard id for a checkpoint name; None if the model has no such tensor."""
+        if self.tie_word_embeddings and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        for proj, (fused, shard) in STACKED.items():
+            part = f".{proj}."
+            if part in name:
+                return name.replace(part, f".{fused}."), shard
+        return name, None
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint-format tensor name this model loads, with its shape."""
+        params = dict(self.named_parameters())
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, param in params.items():
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(owner, FusedLinear):
+                inverse = {fused_shard: proj for proj, fused_shard in STACKED.items()}
+                fused = name.split(".")[-2]
+                for shard in owner.offsets:
+                    ckpt = name.replace(f".{fused}.", f".{inverse[(fused, shard)]}.")
+                    shapes[ckpt] = owner.shard_shape(param, shard)
+            else:
+                shapes[name] = tuple(param.shape)
+        return shapes
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint-format tensors into the fused parameters; returns the names loaded.
+
+        Names and shapes must already be validated against `checkpoint_shapes()`.
+        """
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            target, shard = self.map_name(name)
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor, shard)
+            loaded.add(name)
+        return loaded

@@ -1,0 +1,38 @@
+"""Which model class serves which checkpoint architecture."""
+
+from __future__ import annotations
+
+from worker.errors import UnsupportedArchitectureError
+from worker.models.llama import ArchOptions, CausalLM
+
+
+def _llama(config) -> ArchOptions:
+    bias = bool(getattr(config, "attention_bias", False))
+    return ArchOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+
+def _qwen2(config) -> ArchOptions:
+    return ArchOptions(qkv_bias=True)
+
+
+def _qwen3(config) -> ArchOptions:
+    bias = bool(getattr(config, "attention_bias", False))
+    return ArchOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": _llama,
+    "Qwen2ForCausalLM": _qwen2,
+    "Qwen3ForCausalLM": _qwen3,
+}
+
+
+def build_model(config, max_positions: int) -> CausalLM:
+    """Instantiate (uninitialised) the kernel-format model for a transformers config."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return CausalLM(config, ARCHITECTURES[name](config), max_positions)
+    raise UnsupportedArchitectureError(
+        f"checkpoint architectures {names or 'not set'} are not supported; supported: {', '.join(ARCHITECTURES)}"
+    )

@@ -1,0 +1,134 @@
+"""The worker: owns the device, the model, the KV cache and the model runner."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from transformers import AutoConfig
+
+from worker.attention import get_attention_backend
+from worker.batch import Batch, StepOutput
+from worker.config import WorkerConfig
+from worker.errors import CheckpointError
+from worker.loader import check_tensors, checkpoint_files, checkpoint_shapes, iter_checkpoint
+from worker.model_runner import ModelRunner
+from worker.models.llama import CausalLM
+from worker.models.registry import build_model
+
+CPU_KV_CACHE_BYTES = 256 << 20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Worker:
+    """One device's share of the engine: `init_device`, `load_model`, `init_cache`, `execute`."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.hf_config = None
+        self.model: Optional[CausalLM] = None
+        self.max_model_len = 0
+        self.num_kv_blocks = 0
+        self.runner: Optional[ModelRunner] = None
+
+    def init_device(self) -> None:
+        name = self.config.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device={self.config.device!r} asked for, but torch sees no CUDA device")
+        self.device = torch.device(name)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def load_model(self) -> None:
+        """Build the kernel-format model from the checkpoint's config and load its safetensors."""
+        self.hf_config = AutoConfig.from_pretrained(self.config.model)
+        self.dtype = self._resolve_dtype()
+        limit = int(self.hf_config.max_position_embeddings)
+        self.max_model_len = self.config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with self.device:
+                self.model = build_model(self.hf_config, self.max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        self.model.eval()
+        files = checkpoint_files(self.config.model)
+        given = {name: (shape, None) for name, shape in checkpoint_shapes(files).items()}
+        self.check_weights(given, full=True, source=f"checkpoint {self.config.model}")
+        self.model.load_weights(iter_checkpoint(files))
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.config.dtype != "auto":
+            return DTYPES[self.config.dtype]
+        if self.device.type == "cpu":
+            return torch.float32
+        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = DTYPES.get(dtype)
+        return dtype if dtype in DTYPES.values() and dtype != torch.float32 else torch.bfloat16
+
+    def check_weights(self, given: dict, full: bool, source: str) -> None:
+        """Raise CheckpointError unless `given` {name: (shape, dtype)} fits the model."""
+        expected = self.model.checkpoint_shapes()
+        if self.model.tie_word_embeddings and "lm_head.weight" in given:
+            expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+        check_tensors(expected, given, full, source)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Validate all tensors first, then copy them in; nothing is applied if any is wrong."""
+        items = list(weights)
+        if not items:
+            raise CheckpointError("load_weights got no tensors")
+        names = [name for name, _ in items]
+        if len(set(names)) != len(names):
+            raise CheckpointError("load_weights got the same tensor name more than once")
+        given = {name: (tuple(t.shape), t.dtype) for name, t in items}
+        self.check_weights(given, full=False, source="load_weights")
+        with torch.no_grad():
+            self.model.load_weights((name, t.to(self.device)) for name, t in items)
+        return len(items)
+
+    def init_cache(self) -> int:
+        """Allocate the paged KV cache; returns the number of blocks."""
+        cfg, hf = self.config, self.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        block_shape = (2, cfg.block_size, hf.num_key_value_heads, head_dim)
+        per_block = hf.num_hidden_layers * torch.Size(block_shape).numel() * self.dtype.itemsize
+        self.num_kv_blocks = cfg.num_kv_blocks or self._budget_bytes() // per_block
+        needed = -(-self.max_model_len // cfg.block_size)
+        if self.num_kv_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {self.num_kv_blocks} blocks of {cfg.block_size} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({needed}); lower max_model_len or "
+                f"give the cache more memory"
+            )
+        caches = torch.zeros(
+            hf.num_hidden_layers, 2, self.num_kv_blocks, *block_shape[1:], dtype=self.dtype, device=self.device
+        )
+        backend = get_attention_backend(cfg.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, list(caches.unbind(0)), backend, cfg.block_size)
+        return self.num_kv_blocks
+
+    def _budget_bytes(self) -> int:
+        if self.config.kv_cache_memory_bytes:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type == "cpu":
+            return CPU_KV_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - int(total * (1.0 - self.config.gpu_memory_utilization))
+        if budget <= 0:
+            raise RuntimeError(
+                f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"gpu_memory_utilization={self.config.gpu_memory_utilization}"
+            )
+        return budget
+
+    def execute(self, batch: Batch) -> StepOutput:
+        return self.runner.execute(batch)
