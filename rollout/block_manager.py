@@ -36,6 +36,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
+        self.num_hit_blocks = 0  # blocks reused from the prefix cache so far
 
     @property
     def num_free(self) -> int:
@@ -71,6 +72,7 @@ class BlockManager:
             seq.block_table = list(hits)
             seq.block_hashes = [self.blocks[b].hash for b in hits]
             seq.num_computed = len(hits) * self.block_size
+            self.num_hit_blocks += len(hits)
         total = -(-(seq.num_computed + num_new) // self.block_size)
         while len(seq.block_table) < total:
             block_id = next(iter(self.free_ids))

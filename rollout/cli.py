@@ -1,0 +1,160 @@
+"""The `rollout` command line: `rollout demo` and `rollout generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+from pydantic import ValidationError
+
+from rollout.errors import InvalidRequestError
+from rollout.sampling_params import SamplingParams
+from worker.config import DTYPES
+from worker.errors import CheckpointError, UnsupportedArchitectureError
+
+USER_ERRORS = (ValidationError, InvalidRequestError, CheckpointError, UnsupportedArchitectureError, FileNotFoundError)
+LINE_KEYS = {"prompt", "prompt_token_ids", "sampling_params"}
+# generate's flags (argparse dests) that set a SamplingParams default, named like its fields
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "n", "seed", "logprobs")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the `rollout` command; returns the exit status (0 ok, 2 bad input or checkpoint)."""
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        print(f"rollout {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollout", description="Rollout (sampling) engine for RL post-training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="sample from a small random Qwen3 checkpoint (built locally, cached)")
+    demo.add_argument("--model", help="checkpoint directory (default: the cached demo checkpoint)")
+    demo.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default: cpu)")
+    demo.add_argument("--prompts", type=int, default=8, help="number of prompts (default: 8)")
+    demo.add_argument("--n", type=int, default=4, help="samples per prompt (default: 4)")
+    demo.add_argument("--max-tokens", type=int, default=64, help="most new tokens per sample (default: 64)")
+    demo.set_defaults(func=_demo)
+
+    gen = commands.add_parser("generate", help="sample completions for the prompts of a JSONL file")
+    gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    gen.add_argument("--prompts", required=True, type=Path,
+                     help='JSONL file; each line {"prompt": str} or {"prompt_token_ids": [int]}, '
+                          'optionally with "sampling_params": {...} overriding the flags below')
+    gen.add_argument("--output", type=Path, help="JSONL file for the outputs (default: stdout)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    gen.add_argument("--dtype", default="auto", choices=DTYPES)
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--n", type=int)
+    gen.add_argument("--seed", type=int, help="sampling seed of every request (sample j uses seed + j)")
+    gen.add_argument("--logprobs", action="store_true", default=None, help="return each sampled token's logprob")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from rollout.demo import run_demo
+
+    model = _checkpoint_dir(args.model) if args.model else None
+    run_demo(model, num_prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, device=args.device)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from rollout.engine import RolloutEngine
+
+    if args.output is not None and not args.output.parent.is_dir():
+        raise FileNotFoundError(f"the directory of --output {args.output} does not exist")
+    defaults = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    requests = read_requests(args.prompts, defaults)
+    engine = RolloutEngine(model=str(_checkpoint_dir(args.model)), device=args.device, dtype=args.dtype)
+    prompts = [_check_line(engine, args.prompts, *request) for request in requests]
+    params = [p for _, _, p in requests]
+    outputs = engine.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    if args.output is None:
+        _write(outputs, sys.stdout)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            _write(outputs, f)
+
+
+def read_requests(path: Path, defaults: dict) -> list[tuple[int, object, SamplingParams]]:
+    """(line number, prompt, SamplingParams) per non-blank JSONL line; InvalidRequestError names a bad line.
+
+    `defaults` are SamplingParams fields; a line's "sampling_params" override them.
+    """
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    requests.append((line_no, *_parse_line(line, defaults)))
+                except ValueError as exc:
+                    raise InvalidRequestError(f"{path} line {line_no}: {_one_line(exc)}") from None
+    if not requests:
+        raise InvalidRequestError(f"{path} holds no prompts")
+    return requests
+
+
+def _parse_line(line: str, defaults: dict) -> tuple[object, SamplingParams]:
+    item = json.loads(line)
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+    unknown = sorted(set(item) - LINE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; allowed: {sorted(LINE_KEYS)}")
+    if ("prompt" in item) == ("prompt_token_ids" in item):
+        raise ValueError('give exactly one of "prompt" (a string) or "prompt_token_ids" (a list of ints)')
+    if "prompt" in item and not isinstance(item["prompt"], str):
+        raise ValueError(f'"prompt" must be a string, got {type(item["prompt"]).__name__}')
+    overrides = item.get("sampling_params", {})
+    if not isinstance(overrides, dict):
+        raise ValueError(f'"sampling_params" must be an object, got {type(overrides).__name__}')
+    prompt = item["prompt"] if "prompt" in item else item["prompt_token_ids"]
+    return prompt, SamplingParams(**{**defaults, **overrides})
+
+
+def _check_line(engine, path: Path, line_no: int, prompt, params: SamplingParams) -> list[int]:
+    """The line's prompt as token ids, checked by the engine; the error names the line."""
+    from rollout.validation import check_requests
+
+    try:
+        [ids], _ = check_requests([prompt], [params], engine.tokenizer, engine.vocab_size, engine.max_model_len)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{path} line {line_no}: {exc}") from None
+    return ids
+
+
+def _checkpoint_dir(model: str) -> Path:
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a checkpoint directory (no config.json there)")
+    return path
+
+
+def _write(outputs, stream: TextIO) -> None:
+    for output in outputs:
+        stream.write(json.dumps(output.model_dump()) + "\n")
+    stream.flush()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file: {exc.filename}"
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Preemption, prefix caching and chunked prefill change how work is scheduled, never the outputs."""
+
+import pytest
+
+from rollout import RolloutEngine, SamplingParams
+
+PROMPTS = [list(range(10, 10 + n)) for n in (5, 40, 17, 64, 3, 33)]
+SHARED = list(range(100, 148))  # 48 tokens = 6 full blocks of 8
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+SAMPLED = SamplingParams(n=3, temperature=0.9, top_p=0.95, max_tokens=24, ignore_eos=True, logprobs=True, seed=11)
+
+
+def run(path, prompts, params, **config):
+    fields = dict(device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128) | config
+    engine = RolloutEngine(model=str(path), **fields)
+    return engine, engine.generate(prompts, params, use_tqdm=False)
+
+
+def tokens(outs):
+    return [[s.token_ids for s in o.samples] for o in outs]
+
+
+def assert_same(outs, baseline):
+    assert tokens(outs) == tokens(baseline)
+    for out, ref in zip(outs, baseline):
+        for s, r in zip(out.samples, ref.samples):
+            assert s.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def path(checkpoint_dir):
+    return checkpoint_dir("qwen3", seed=3)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_preemption_keeps_outputs(path, params):
+    _, baseline = run(path, PROMPTS, params, enable_prefix_caching=False)
+    engine, outs = run(path, PROMPTS, params, num_kv_blocks=16, enable_prefix_caching=False)
+    assert engine.core.scheduler.num_preemptions > 0
+    assert_same(outs, baseline)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_chunked_prefill_keeps_outputs(path, params):
+    _, baseline = run(path, PROMPTS, params)
+    engine, outs = run(path, PROMPTS, params, max_num_batched_tokens=16, max_num_seqs=4)
+    assert_same(outs, baseline)
+
+
+def test_chunked_prefill_splits_long_prompts(path):
+    engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=64, max_model_len=128,
+                           max_num_batched_tokens=16)
+    steps = []
+    execute = engine.worker.execute
+    engine.worker.execute = lambda batch: steps.append([len(c.token_ids) for c in batch.chunks]) or execute(batch)
+    engine.generate([PROMPTS[3]], GREEDY, use_tqdm=False)
+    assert steps[:4] == [[16], [16], [16], [16]]  # 64-token prompt in four chunks, then one token a step
+    assert all(s == [1] for s in steps[4:]) and len(steps) == 4 + GREEDY.max_tokens - 1
+
+
+def test_prefix_cache_hits_keep_outputs(path):
+    prompts = [SHARED + [7, 8, 9], SHARED + [300, 301], SHARED[:20]]
+    _, baseline = run(path, prompts, GREEDY, enable_prefix_caching=False)
+    engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128)
+    first = engine.generate(prompts[:1], GREEDY, use_tqdm=False)
+    hits_before = engine.core.block_manager.num_hit_blocks
+    rest = engine.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert engine.core.block_manager.num_hit_blocks - hits_before >= 6 + 2
+    assert_same(first + rest, baseline)
+
+
+def test_samples_of_a_prompt_share_prompt_blocks(path):
+    """n samples prefill the prompt once; the others reuse its full blocks (also with prefix caching off)."""
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=4, seed=5)
+    engine, outs = run(path, [SHARED], params, enable_prefix_caching=False)
+    assert engine.core.block_manager.num_hit_blocks == 3 * 5  # 47 tokens reusable: 5 full blocks each
+    _, alone = run(path, [SHARED], params, num_kv_blocks=256)
+    assert tokens(outs) == tokens(alone)
+    assert len({tuple(s.token_ids) for s in outs[0].samples}) > 1
+
+
+def test_max_num_seqs_bounds_the_batch(path):
+    engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128,
+                           max_num_seqs=2)
+    widths = []
+    execute = engine.worker.execute
+    engine.worker.execute = lambda batch: widths.append(len(batch.chunks)) or execute(batch)
+    outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert max(widths) == 2 and all(len(o.samples[0].token_ids) == 24 for o in outs)
