@@ -31,7 +31,12 @@ class EngineCore:
         self._next_group = 0
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int) -> list[Sequence]:
-        """Queue the n samples of one prompt; sample j draws from its own seed derived from `seed`."""
+        """Queue the n samples of one prompt.
+
+        Sample j's random numbers are keyed by (seed, prompt, j): reproducible whatever
+        else is batched, and different prompts sharing one seed do not share noise.
+        """
+        base = hash((seed, tuple(prompt)))
         group = self._next_group
         self._next_group += 1
         seqs = []
@@ -43,7 +48,7 @@ class EngineCore:
                 prompt_len=len(prompt),
                 token_ids=list(prompt),
                 params=params,
-                seed=(seed + j * _SEED_STRIDE) & _SEED_MASK,
+                seed=(base + j * _SEED_STRIDE) & _SEED_MASK,
                 group=group,
             )
             self._next_seq_id += 1

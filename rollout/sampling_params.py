@@ -14,7 +14,7 @@ class SamplingParams(BaseModel):
     temperature; the sampled token and its "processed" logprob come from the
     filtered distribution, "raw" logprobs are the plain log-softmax of the logits.
     A `seed` makes the request's samples reproducible whatever else is batched
-    with it (sample j of the request uses seed + j).
+    with it; the random numbers are keyed by (seed, prompt, sample index, position).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

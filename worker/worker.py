@@ -39,6 +39,8 @@ class Worker:
             name = "cuda" if torch.cuda.is_available() else "cpu"
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device={self.config.device!r} asked for, but torch sees no CUDA device")
+        if name == "cuda":
+            name = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(name)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
