@@ -111,7 +111,7 @@ class Worker:
                 f"sequence of max_model_len={self.max_model_len} needs ({needed}); lower max_model_len or "
                 f"give the cache more memory"
             )
-        caches = torch.zeros(
+        caches = torch.empty(
             hf.num_hidden_layers, 2, self.num_kv_blocks, *block_shape[1:], dtype=self.dtype, device=self.device
         )
         backend = get_attention_backend(cfg.attention_backend, self.device)

@@ -12,6 +12,7 @@ from worker.attention.backend import AttentionBackend, AttentionMetadata
 @dataclass
 class _Plan:
     key_slots: torch.Tensor  # [B, S] cache slot of each context position
+    key_valid: torch.Tensor  # [B, 1, S, 1] False past the sequence's end (slot contents undefined)
     mask: torch.Tensor  # [B, 1, Q, S] True where a query may see a key
     query_rows: torch.Tensor  # [B, Q] row in the flat batch (clamped)
     query_valid: torch.Tensor  # [B, Q] False on padding
@@ -35,7 +36,8 @@ class ReferenceBackend(AttentionBackend):
         mask &= positions[None, None, :] < meta.seq_lens[:, None, None]
         mask &= query_valid[:, :, None]
         query_rows = (meta.query_start_loc[:-1, None] + q_index[None, :]).clamp(max=meta.slot_mapping.numel() - 1)
-        meta.plan = _Plan(key_slots, mask[:, None], query_rows, query_valid)
+        key_valid = (positions[None, :] < meta.seq_lens[:, None])[:, None, :, None]
+        meta.plan = _Plan(key_slots, key_valid, mask[:, None], query_rows, query_valid)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         plan: _Plan = meta.plan
@@ -45,7 +47,7 @@ class ReferenceBackend(AttentionBackend):
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         keys = k_cache[plan.key_slots].transpose(1, 2)  # [B, Hkv, S, D]
-        values = v_cache[plan.key_slots].transpose(1, 2)
+        values = v_cache[plan.key_slots].transpose(1, 2).masked_fill(~plan.key_valid, 0)
         group = num_heads // keys.shape[1]
         if group > 1:
             keys = keys.repeat_interleave(group, dim=1)
