@@ -7,13 +7,17 @@ from rollout.outputs import RolloutOutput, Sample
 from rollout.sampling_params import SamplingParams
 from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
 from worker.config import WorkerConfig
-from worker.errors import CheckpointError, UnsupportedArchitectureError
+from worker.errors import CheckpointError, EngineSleepingError, UnsupportedArchitectureError, WeightsInvalidError
+from worker.memory.report import ArenaReport, MemoryReport
 
 __all__ = [
+    "ArenaReport",
     "Batch",
     "CheckpointError",
     "EngineConfig",
+    "EngineSleepingError",
     "InvalidRequestError",
+    "MemoryReport",
     "RolloutEngine",
     "RolloutOutput",
     "Sample",
@@ -22,5 +26,6 @@ __all__ = [
     "SeqChunk",
     "StepOutput",
     "UnsupportedArchitectureError",
+    "WeightsInvalidError",
     "WorkerConfig",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence as Seq, Union
@@ -16,6 +17,7 @@ from rollout.outputs import RolloutOutput, Sample
 from rollout.sampling_params import SamplingParams
 from rollout.sequence import Sequence
 from rollout.validation import check_requests, load_eos_token_ids, load_tokenizer
+from worker.memory.report import MemoryReport
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
@@ -32,8 +34,6 @@ class RolloutEngine:
             config = EngineConfig(**kwargs)
         elif kwargs:
             raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(kwargs)})")
-        if config.enable_sleep_mode:
-            raise NotImplementedError("enable_sleep_mode=True: the sleepable memory pool is not available yet")
         self.config = config
         self.worker = Worker(config)
         self.worker.init_device()
@@ -71,6 +71,7 @@ class RolloutEngine:
         token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
                                                self.max_model_len)
         with self._lock:
+            self.worker.check_ready()
             requests = [self._add(prompt, p) for prompt, p in zip(token_prompts, params)]
             total = sum(len(seqs) for _, seqs in requests)
             with tqdm(total=total, disable=not use_tqdm, delay=1.0, desc="Generating", unit="sample") as bar:
@@ -124,6 +125,48 @@ class RolloutEngine:
             self.core.block_manager.reset_prefix_cache()
             self.core.weight_version = new
             return new
+
+    def sleep(self, level: int = 1) -> None:
+        """Give the device memory back (needs `enable_sleep_mode=True`).
+
+        Level 1 copies the weights to pinned host memory and discards the KV cache;
+        level 2 discards both (generation then refuses until a full set of weights is
+        loaded). Physical memory is released; addresses are kept for `wake_up`.
+        Refused while requests are in flight; sleeping again is harmless.
+        """
+        with self._idle("sleep"):
+            if not self.config.enable_sleep_mode:
+                raise RuntimeError("sleep() needs the sleepable memory pool: create the engine with "
+                                   "enable_sleep_mode=True")
+            self.worker.sleep(level)
+            self.core.block_manager.reset_prefix_cache()
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Bring memory back at the same addresses: tags "weights", "kv_cache", or None for all.
+
+        The RL pattern: `wake_up(["weights"])`, load new weights, then `wake_up(["kv_cache"])`.
+        The prefix cache starts empty; waking what is awake is harmless.
+        """
+        with self._idle("wake_up"):
+            self.worker.wake_up(tags)
+
+    def memory_report(self) -> MemoryReport:
+        """Arena sizes and residency, plus what else holds device memory."""
+        return self.worker.memory_report()
+
+    @contextmanager
+    def _idle(self, what: str):
+        """Hold the engine for a call that must run between generate() calls."""
+        refused = RuntimeError(f"{what}() is refused while generate() has requests in flight; call it between "
+                               f"generate() calls")
+        if not self._lock.acquire(blocking=False):
+            raise refused
+        try:
+            if self.core.has_work():
+                raise refused
+            yield
+        finally:
+            self._lock.release()
 
     def shutdown(self) -> None:
         """Release the model and the KV cache."""

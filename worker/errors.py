@@ -8,3 +8,11 @@ class CheckpointError(ValueError):
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture has no model here."""
 
+
+
+class EngineSleepingError(RuntimeError):
+    """The engine was asked to work while (part of) its memory is asleep."""
+
+
+class WeightsInvalidError(RuntimeError):
+    """Generation was asked for while the weights are not whole (discarded by sleep level 2, or a broken update)."""

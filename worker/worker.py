@@ -10,8 +10,11 @@ from transformers import AutoConfig
 from worker.attention import get_attention_backend
 from worker.batch import Batch, StepOutput
 from worker.config import WorkerConfig
-from worker.errors import CheckpointError
+from worker.errors import CheckpointError, EngineSleepingError, WeightsInvalidError
 from worker.loader import check_tensors, checkpoint_files, checkpoint_shapes, iter_checkpoint
+from worker.memory import MemoryPool
+from worker.memory.pool import KV_CACHE, TAGS, WEIGHTS
+from worker.memory.report import MemoryReport, memory_report
 from worker.model_runner import ModelRunner
 from worker.models.llama import CausalLM
 from worker.models.registry import build_model
@@ -21,7 +24,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class Worker:
-    """One device's share of the engine: `init_device`, `load_model`, `init_cache`, `execute`."""
+    """One device's share of the engine: `init_device`, `load_model`, `init_cache`, `execute`, `sleep`, `wake_up`.
+
+    Parameters and KV blocks are views into the arenas of the worker's MemoryPool.
+    """
 
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -32,6 +38,8 @@ class Worker:
         self.max_model_len = 0
         self.num_kv_blocks = 0
         self.runner: Optional[ModelRunner] = None
+        self.pool: Optional[MemoryPool] = None
+        self.missing_weights: set[str] = set()  # checkpoint names not loaded since the weights were discarded
 
     def init_device(self) -> None:
         name = self.config.device
@@ -56,11 +64,16 @@ class Worker:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with self.device:
+            with torch.device("meta"):
                 self.model = build_model(self.hf_config, self.max_model_len)
         finally:
             torch.set_default_dtype(previous)
         self.model.eval()
+        self.pool = MemoryPool(self.device, sleepable=self.config.enable_sleep_mode)
+        self.pool.place_parameters(self.model)
+        for module in self.model.modules():
+            for key, buffer in module._buffers.items():
+                module._buffers[key] = buffer.to(self.device)
         files = checkpoint_files(self.config.model)
         given = {name: (shape, None) for name, shape in checkpoint_shapes(files).items()}
         self.check_weights(given, full=True, source=f"checkpoint {self.config.model}")
@@ -93,8 +106,11 @@ class Worker:
             raise CheckpointError("load_weights got the same tensor name more than once")
         given = {name: (tuple(t.shape), t.dtype) for name, t in items}
         self.check_weights(given, full=False, source="load_weights")
+        if WEIGHTS in self.pool.asleep():
+            raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
         with torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in items)
+        self.missing_weights -= {self.model.canonical_name(name) for name in names}
         return len(items)
 
     def init_cache(self) -> int:
@@ -111,9 +127,9 @@ class Worker:
                 f"sequence of max_model_len={self.max_model_len} needs ({needed}); lower max_model_len or "
                 f"give the cache more memory"
             )
-        caches = torch.empty(
-            hf.num_hidden_layers, 2, self.num_kv_blocks, *block_shape[1:], dtype=self.dtype, device=self.device
-        )
+        shape = (hf.num_hidden_layers, 2, self.num_kv_blocks, *block_shape[1:])
+        self.pool.allocate(KV_CACHE, self.num_kv_blocks * per_block)
+        caches = self.pool.view(KV_CACHE, 0, shape, self.dtype)
         backend = get_attention_backend(cfg.attention_backend, self.device)
         self.runner = ModelRunner(self.model, list(caches.unbind(0)), backend, cfg.block_size)
         return self.num_kv_blocks
@@ -134,3 +150,34 @@ class Worker:
 
     def execute(self, batch: Batch) -> StepOutput:
         return self.runner.execute(batch)
+
+    def check_ready(self) -> None:
+        """Raise unless the worker can generate: everything awake and the weights whole."""
+        asleep = self.pool.asleep()
+        if asleep:
+            raise EngineSleepingError(f"the engine is asleep ({', '.join(sorted(asleep))}); call wake_up() first")
+        if self.missing_weights:
+            raise WeightsInvalidError(
+                f"the weights are not whole: {len(self.missing_weights)} tensor(s) were discarded (sleep level 2) "
+                f"and not loaded since, e.g. {sorted(self.missing_weights)[0]}; load a full set of weights first"
+            )
+
+    def sleep(self, level: int) -> None:
+        """Level 1: weights to host memory, KV cache discarded. Level 2: both discarded."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
+        awake = set(TAGS) - self.pool.asleep()
+        self.pool.sleep(offload=[WEIGHTS] if level == 1 else [])
+        if level == 2 and WEIGHTS in awake:
+            self.missing_weights = set(self.model.checkpoint_shapes())
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Map the named arenas ("weights", "kv_cache"; None = all) back at the same addresses."""
+        tags = list(TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(TAGS))
+        if unknown:
+            raise ValueError(f"unknown wake_up tags {unknown}; allowed: {list(TAGS)}")
+        self.pool.wake(tags)
+
+    def memory_report(self) -> MemoryReport:
+        return memory_report(self.pool, self.device)

@@ -73,7 +73,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
     """Inverse frequencies for the rope parameters of a config ('default' and 'llama3')."""
     base = float(rope.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -96,12 +97,16 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding with cos/sin tables for every position (a non-weight buffer)."""
+    """Neox-style rotary embedding with cos/sin tables for every position.
+
+    The tables are non-weight buffers, computed on the CPU (also when the model is
+    built on the meta device); the worker moves them to the model's device.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, rope: dict):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, rope)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)

@@ -8,7 +8,7 @@ their row ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -142,10 +142,13 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def map_name(self, name: str) -> Optional[tuple[str, object]]:
-        """Kernel parameter name and shard id for a checkpoint name; None if the model has no such tensor."""
-        if self.tie_word_embeddings and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"
+    def canonical_name(self, name: str) -> str:
+        """The checkpoint name a tensor is known by (a tied lm_head is the embedding)."""
+        return "model.embed_tokens.weight" if self.tie_word_embeddings and name == "lm_head.weight" else name
+
+    def map_name(self, name: str) -> tuple[str, object]:
+        """Kernel parameter name and shard id (None for unfused parameters) of a checkpoint name."""
+        name = self.canonical_name(name)
         for proj, (fused, shard) in STACKED.items():
             part = f".{proj}."
             if part in name:
