@@ -15,10 +15,13 @@ from rollout.sampling_params import SamplingParams
 from worker.config import DTYPES
 from worker.errors import CheckpointError, UnsupportedArchitectureError
 
-USER_ERRORS = (ValidationError, InvalidRequestError, CheckpointError, UnsupportedArchitectureError, FileNotFoundError)
+USER_ERRORS = (
+    ValidationError, InvalidRequestError, CheckpointError, UnsupportedArchitectureError,
+    FileNotFoundError, FileExistsError,
+)
 LINE_KEYS = {"prompt", "prompt_token_ids", "sampling_params"}
 # generate's flags (argparse dests) that set a SamplingParams default, named like its fields
-SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "n", "seed", "logprobs")
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "n", "logprobs")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -38,29 +41,50 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="sample from a small random Qwen3 checkpoint (built locally, cached)")
     demo.add_argument("--model", help="checkpoint directory (default: the cached demo checkpoint)")
-    demo.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default: cpu)")
-    demo.add_argument("--prompts", type=int, default=8, help="number of prompts (default: 8)")
-    demo.add_argument("--n", type=int, default=4, help="samples per prompt (default: 4)")
-    demo.add_argument("--max-tokens", type=int, default=64, help="most new tokens per sample (default: 64)")
+    demo.add_argument("--device", type=_device, default="cpu", help="cpu, auto, cuda or cuda:N (default: cpu)")
+    demo.add_argument("--prompts", type=_positive, default=8, help="number of prompts (default: 8)")
+    demo.add_argument("--n", type=_positive, default=4, help="samples per prompt (default: 4)")
+    demo.add_argument("--max-tokens", type=_positive, default=64, help="most new tokens per sample (default: 64)")
     demo.set_defaults(func=_demo)
 
     gen = commands.add_parser("generate", help="sample completions for the prompts of a JSONL file")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     gen.add_argument("--prompts", required=True, type=Path,
                      help='JSONL file; each line {"prompt": str} or {"prompt_token_ids": [int]}, '
-                          'optionally with "sampling_params": {...} overriding the flags below')
+                          'optionally with "sampling_params": {...} overriding the sampling defaults')
     gen.add_argument("--output", type=Path, help="JSONL file for the outputs (default: stdout)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    gen.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
-    gen.add_argument("--max-tokens", type=int)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--n", type=int)
-    gen.add_argument("--seed", type=int, help="sampling seed of every request (sample j uses seed + j)")
-    gen.add_argument("--logprobs", action="store_true", default=None, help="return each sampled token's logprob")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="engine seed: lines without their own sampling_params.seed draw theirs from it (default: 0)")
+    sampling = gen.add_argument_group(
+        "sampling defaults", "SamplingParams fields; a line's sampling_params override them"
+    )
+    sampling.add_argument("--max-tokens", type=int, help="most new tokens per sample")
+    sampling.add_argument("--temperature", type=float, help="0 is greedy")
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--n", type=int, help="samples per prompt")
+    sampling.add_argument("--logprobs", action="store_true", default=None, help="return each sampled token's logprob")
     gen.set_defaults(func=_generate)
     return parser
+
+
+def _device(value: str) -> str:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value}: torch sees no CUDA device here")
+    return value
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -77,7 +101,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"the directory of --output {args.output} does not exist")
     defaults = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     requests = read_requests(args.prompts, defaults)
-    engine = RolloutEngine(model=str(_checkpoint_dir(args.model)), device=args.device, dtype=args.dtype)
+    engine = RolloutEngine(model=str(_checkpoint_dir(args.model)), device=args.device, dtype=args.dtype, seed=args.seed)
     prompts = [_check_line(engine, args.prompts, *request) for request in requests]
     params = [p for _, _, p in requests]
     outputs = engine.generate(prompts, params, use_tqdm=sys.stderr.isatty())
@@ -107,7 +131,10 @@ def read_requests(path: Path, defaults: dict) -> list[tuple[int, object, Samplin
 
 
 def _parse_line(line: str, defaults: dict) -> tuple[object, SamplingParams]:
-    item = json.loads(line)
+    try:
+        item = json.loads(line.strip())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} at character {exc.pos + 1}") from None
     if not isinstance(item, dict):
         raise ValueError(f"expected a JSON object, got {type(item).__name__}")
     unknown = sorted(set(item) - LINE_KEYS)

@@ -120,7 +120,7 @@ def build_demo_checkpoint(path: Path) -> Path:
             os.rename(tmp, path)
         except OSError:
             if not is_complete(path):
-                raise
+                raise FileExistsError(f"{path} exists but is not a complete demo checkpoint; remove it") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -192,17 +192,23 @@ def run_demo(
     from rollout.engine import RolloutEngine
     from rollout.sampling_params import SamplingParams
 
-    model_dir = ensure_demo_checkpoint() if model_dir is None else Path(model_dir)
-    engine = RolloutEngine(model=str(model_dir), device=device)
-    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(num_prompts)]
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+    is_demo = model_dir is None
+    model_dir = ensure_demo_checkpoint() if is_demo else Path(model_dir)
     params = [SamplingParams(n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens, logprobs=True, seed=i)
               for i in range(num_prompts)]
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    summary = _summarize(engine, model_dir, outputs, wall)
-    _report(summary, params[0], outputs, engine.tokenizer, print_fn)
-    engine.shutdown()
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(num_prompts)]
+    engine = RolloutEngine(model=str(model_dir), device=device)
+    try:
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        summary = _summarize(engine, model_dir, outputs, wall)
+        _report(summary, params[0], print_fn)
+        _report_sample(outputs[0], engine.tokenizer, print_fn, "random weights, so expect gibberish" if is_demo else "")
+    finally:
+        engine.shutdown()
     return summary
 
 
@@ -220,29 +226,28 @@ def _summarize(engine, model_dir: Path, outputs, wall: float) -> dict:
         prompt_tokens=sum(len(out.prompt_token_ids) for out in outputs),
         output_tokens=output_tokens,
         wall_s=wall,
-        tokens_per_s=output_tokens / wall if wall > 0 else float("inf"),
+        tokens_per_s=output_tokens / wall,
         finish_reasons=dict(Counter(s.finish_reason for s in samples)),
     )
 
 
-def _report(summary: dict, params, outputs, tokenizer, print_fn) -> None:
+def _report(summary: dict, params, print_fn) -> None:
     s = summary
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(s["finish_reasons"].items()))
     print_fn(f"model     {s['model_dir']}")
-    print_fn(f"          {s['architecture']}, {s['num_params'] / 1e6:.2f}M parameters, on {s['device']} in {s['dtype']}")
+    print_fn(f"          {s['architecture']}, {s['num_params'] / 1e6:.2f}M parameters")
+    print_fn(f"device    {s['device']}, {s['dtype']}")
     print_fn(f"requests  {s['num_requests']} prompts x n={params.n} = {s['num_samples']} samples "
              f"(temperature {params.temperature}, top_p {params.top_p}, max_tokens {params.max_tokens})")
     print_fn(f"tokens    {s['prompt_tokens']} prompt, {s['output_tokens']} generated")
     print_fn(f"time      {s['wall_s']:.2f} s wall, {s['tokens_per_s']:.0f} generated tokens/s")
     print_fn(f"finished  {reasons}")
-    if outputs and outputs[0].samples:
-        _report_sample(outputs[0], tokenizer, print_fn)
 
 
-def _report_sample(output, tokenizer, print_fn, count: int = 5) -> None:
+def _report_sample(output, tokenizer, print_fn, note: str, count: int = 5) -> None:
     sample = output.samples[0]
     prompt = tokenizer.decode(output.prompt_token_ids) if tokenizer is not None else output.prompt_token_ids
-    print_fn(f"sample 0 of request {output.request_id} (random weights, so expect gibberish):")
+    print_fn(f"sample 0 of request {output.request_id}" + (f" ({note})" if note else "") + ":")
     print_fn(f"  prompt      {prompt!r}")
     print_fn(f"  completion  {sample.text!r}")
     pairs = zip(sample.token_ids[:count], sample.logprobs or [])

@@ -139,3 +139,10 @@ def test_update_invalidates_prefix_cache(checkpoint_dir, tmp_path):
     assert engine.core.block_manager.num_hit_blocks == hits
     trainer.save_pretrained(tmp_path / "t")
     assert after == greedy(engine_for(tmp_path / "t"))
+
+
+def test_missing_directory_and_config_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        engine_for(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        engine_for(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
@@ -49,13 +50,19 @@ class Worker:
             raise RuntimeError(f"device={self.config.device!r} asked for, but torch sees no CUDA device")
         if name == "cuda":
             name = f"cuda:{torch.cuda.current_device()}"
+        if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+            raise RuntimeError(f"device={name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
         self.device = torch.device(name)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
     def load_model(self) -> None:
         """Build the kernel-format model from the checkpoint's config and load its safetensors."""
-        self.hf_config = AutoConfig.from_pretrained(self.config.model)
+        root = Path(self.config.model)
+        if not (root / "config.json").is_file():
+            what = "does not exist" if not root.exists() else "has no config.json"
+            raise CheckpointError(f"model {self.config.model!r} {what}; expected a Hugging Face checkpoint directory")
+        self.hf_config = AutoConfig.from_pretrained(root)
         self.dtype = self._resolve_dtype()
         limit = int(self.hf_config.max_position_embeddings)
         self.max_model_len = self.config.max_model_len or limit
