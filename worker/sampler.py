@@ -27,7 +27,8 @@ def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     key = _mix(_mix((seeds & _MASK32) ^ _mix(seeds >> 32)) ^ (steps & _MASK32))
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix(key[:, None] ^ _mix(cols + 0x9E3779B9 & _MASK32)[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32, so u stays strictly inside (0, 1)
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
