@@ -99,9 +99,13 @@ class MemoryPool:
             torch.cuda.empty_cache()
 
     def wake(self, tags: Iterable[str]) -> set[str]:
-        """Restore the named arenas; returns those that came back without their contents."""
+        """Restore the named arenas; returns those that came back without their contents.
+
+        Arenas with a host copy go first, so their host->device copies run while
+        the others are being mapped.
+        """
         empty = set()
-        for tag in tags:
+        for tag in sorted(set(tags), key=lambda t: t not in self.restorable):
             arena = self.arenas[tag]
             if arena.resident:
                 continue

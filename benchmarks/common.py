@@ -1,0 +1,84 @@
+"""Shared helpers for the benchmarks: random checkpoints written straight from the device, timing, git facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+MODELS = Path(__file__).parent / "models"  # copies of ../shared/models configs
+
+
+def hf_names_and_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Checkpoint-format tensor names and shapes of a Llama-family config."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    names = [("model.embed_tokens.weight", (v, h)), ("model.norm.weight", (h,))]
+    if not config.tie_word_embeddings:
+        names.append(("lm_head.weight", (v, h)))
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        names += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
+                  (p + "post_attention_layernorm.weight", (h,))]
+        if config.model_type == "qwen3":
+            names += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
+    return names
+
+
+def write_random_checkpoint(config_json: Path, out: Path, dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """A real sharded safetensors checkpoint of random weights (norms near 1), generated on the GPU."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.for_model(**json.loads(config_json.read_text()))
+    config.save_pretrained(out)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shards, current, size, index = [], {}, 0, {}
+    for name, shape in hf_names_and_shapes(config):
+        t = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32) * 0.02
+        current[name] = (t + 1.0 if name.endswith("norm.weight") else t).to(dtype).cpu()
+        size += current[name].numel() * dtype.itemsize
+        if size > 4 << 30:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        index.update({name: file for name in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return out
+
+
+def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn` (CUDA synchronized around each call), warm-up calls excluded."""
+    times = []
+    for k in range(warmup + repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def git_commit() -> str:
+    """The commit measured: $ROLLOUT_COMMIT (set where the tree travels without .git), else git's."""
+    if os.environ.get("ROLLOUT_COMMIT"):
+        return os.environ["ROLLOUT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
