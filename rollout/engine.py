@@ -169,9 +169,6 @@ class RolloutEngine:
             self._lock.release()
 
     def shutdown(self) -> None:
-        """Release the model and the KV cache."""
-        with self._lock:
-            self.worker.runner = None
-            self.worker.model = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        """Free the model, the KV cache and the memory pool; the engine cannot be used afterwards."""
+        with self._idle("shutdown"):
+            self.worker.shutdown()

@@ -143,3 +143,13 @@ def test_sleep_refused_while_generate_runs(path):
     engine.worker.execute = execute
     engine.sleep()
     engine.wake_up()
+
+
+def test_shutdown_frees_the_pool_and_refuses_work(path):
+    engine = make(path)
+    run(engine)
+    weights = engine.worker.pool.arenas["weights"].data
+    engine.shutdown()
+    assert weights.untyped_storage().nbytes() == 0 and not engine.worker.pool.arenas
+    with pytest.raises(RuntimeError, match="shut down"):
+        run(engine)

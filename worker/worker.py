@@ -160,6 +160,8 @@ class Worker:
 
     def check_ready(self) -> None:
         """Raise unless the worker can generate: everything awake and the weights whole."""
+        if self.runner is None:
+            raise RuntimeError("the engine was shut down; create a new one")
         asleep = self.pool.asleep()
         if asleep:
             raise EngineSleepingError(f"the engine is asleep ({', '.join(sorted(asleep))}); call wake_up() first")
@@ -185,6 +187,15 @@ class Worker:
         if unknown:
             raise ValueError(f"unknown wake_up tags {unknown}; allowed: {list(TAGS)}")
         self.pool.wake(tags)
+
+    def shutdown(self) -> None:
+        """Drop the model and the cache and free the pool's memory."""
+        self.runner = None
+        self.model = None
+        if self.pool is not None:
+            self.pool.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def memory_report(self) -> MemoryReport:
         return memory_report(self.pool, self.device)

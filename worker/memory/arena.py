@@ -41,6 +41,11 @@ class Arena(ABC):
         """Device bytes held now."""
         return self.size if self.resident else 0
 
+    def close(self) -> None:
+        """Free everything for good; tensors over the arena must not be used afterwards."""
+        if self.resident:
+            self.release()
+
 
 class TorchArena(Arena):
     """A plain torch allocation. Releasable on CPU only (storage resized to zero and back)."""
@@ -48,6 +53,10 @@ class TorchArena(Arena):
     def __init__(self, tag: str, size: int, device: torch.device):
         super().__init__(tag, size, device)
         self.data = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def close(self) -> None:
+        self.data.untyped_storage().resize_(0)
+        self.resident = False
 
     def release(self) -> None:
         if self.device.type != "cpu":
@@ -79,6 +88,7 @@ class VmmArena(Arena):
         self.reserved = max(grain, -(-size // grain) * grain)
         chunk = max(grain, CHUNK_BYTES // grain * grain)
         self.chunks = [(off, min(chunk, self.reserved - off)) for off in range(0, self.reserved, chunk)]
+        self.base: int | None = None
         self.base = cuda_driver.reserve(self.reserved, grain)
         self.handles: list[int] = []
         self.resident = False
@@ -86,6 +96,7 @@ class VmmArena(Arena):
             self.restore()
         except cuda_driver.CudaDriverError:
             cuda_driver.free_reservation(self.base, self.reserved)
+            self.base = None
             raise
         self.data = torch.as_tensor(_DeviceMemory(self.base, size), device=device)
 
@@ -113,3 +124,17 @@ class VmmArena(Arena):
     @property
     def mapped_bytes(self) -> int:
         return self.reserved if self.resident else 0
+
+    def close(self) -> None:
+        if self.base is None:
+            return
+        if self.resident:
+            self.release()
+        cuda_driver.free_reservation(self.base, self.reserved)
+        self.base = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass

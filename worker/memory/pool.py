@@ -119,6 +119,14 @@ class MemoryPool:
             torch.cuda.synchronize(self.device)
         return empty
 
+    def close(self) -> None:
+        """Free every arena and host backup for good."""
+        for arena in self.arenas.values():
+            arena.close()
+        self.arenas.clear()
+        self.backups.clear()
+        self.restorable.clear()
+
     def _backup(self, arena: Arena) -> torch.Tensor:
         if arena.tag not in self.backups:
             pin = self.device.type == "cuda"
