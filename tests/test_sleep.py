@@ -28,9 +28,9 @@ def path(checkpoint_dir):
 
 
 def test_level1_round_trips_keep_outputs_and_views(path):
+    """On CPU the arena's storage is resized to zero and back; every parameter stays a view of it."""
     engine = make(path)
     before, seeded = run(engine), run(engine, SEEDED)
-    params = {n: p.data_ptr() for n, p in engine.worker.model.named_parameters()}
     for _ in range(3):
         engine.sleep(level=1)
         report = engine.memory_report()
@@ -38,7 +38,8 @@ def test_level1_round_trips_keep_outputs_and_views(path):
         assert engine.worker.pool.arenas["kv_cache"].data.untyped_storage().nbytes() == 0
         engine.wake_up()
         assert run(engine) == before and run(engine, SEEDED) == seeded
-    assert {n: p.data_ptr() for n, p in engine.worker.model.named_parameters()} == params
+    arena = engine.worker.pool.arenas["weights"].data.untyped_storage()
+    assert all(p.untyped_storage().data_ptr() == arena.data_ptr() for p in engine.worker.model.parameters())
     assert engine.memory_report().arenas["weights"].host_backup_bytes == engine.worker.pool.arenas["weights"].size
 
 
