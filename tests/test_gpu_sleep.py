@@ -88,3 +88,15 @@ def test_two_engines_on_one_gpu_sleep_independently(checkpoint_dir):
     a.wake_up()
     b.wake_up()
     assert run(a) == run(b) == expected
+
+
+def test_shutdown_returns_the_memory(checkpoint_dir):
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    engine = RolloutEngine(model=str(checkpoint_dir("qwen3")), device="cuda", enable_sleep_mode=True,
+                           kv_cache_memory_bytes=4 << 30)
+    run(engine)
+    assert torch.cuda.mem_get_info()[0] < free_before - (4 << 30)
+    engine.shutdown()
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] >= free_before - (64 << 20)
