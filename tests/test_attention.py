@@ -13,7 +13,7 @@ def paged_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim=16, block_siz
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
-    tables, slots, qs, ks, vs, new_k, new_v, dense = [], [], [], [], [], [], [], []
+    tables, slots, qs, new_k, new_v, dense = [], [], [], [], [], []
     for seq_len, q_len in zip(seq_lens, q_lens):
         blocks = [perm.pop() for _ in range(-(-seq_len // block_size))]
         tables.append(blocks)
