@@ -76,10 +76,7 @@ class BlockManager:
         total = -(-(seq.num_computed + num_new) // self.block_size)
         while len(seq.block_table) < total:
             block_id = next(iter(self.free_ids))
-            block = self.blocks[block_id]
-            if block.hash is not None and self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash, block.token_ids = None, ()
+            self._forget(self.blocks[block_id])
             self._take(block_id)
             seq.block_table.append(block_id)
 

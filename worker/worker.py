@@ -21,7 +21,7 @@ from worker.models.llama import CausalLM
 from worker.models.registry import build_model
 
 CPU_KV_CACHE_BYTES = 256 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Worker:
@@ -88,13 +88,13 @@ class Worker:
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
-            return DTYPES[self.config.dtype]
+            return TORCH_DTYPES[self.config.dtype]
         if self.device.type == "cpu":
             return torch.float32
         dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
         if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype)
-        return dtype if dtype in DTYPES.values() and dtype != torch.float32 else torch.bfloat16
+            dtype = TORCH_DTYPES.get(dtype)
+        return dtype if dtype in TORCH_DTYPES.values() and dtype != torch.float32 else torch.bfloat16
 
     def check_weights(self, given: dict, full: bool, source: str) -> None:
         """Raise CheckpointError unless `given` {name: (shape, dtype)} fits the model."""

@@ -44,6 +44,7 @@ STACKED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+UNSTACKED = {fused_shard: proj for proj, fused_shard in STACKED.items()}
 
 
 class Attention(nn.Module):
@@ -162,10 +163,9 @@ class CausalLM(nn.Module):
         for name, param in params.items():
             owner = self.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(owner, FusedLinear):
-                inverse = {fused_shard: proj for proj, fused_shard in STACKED.items()}
                 fused = name.split(".")[-2]
                 for shard in owner.offsets:
-                    ckpt = name.replace(f".{fused}.", f".{inverse[(fused, shard)]}.")
+                    ckpt = name.replace(f".{fused}.", f".{UNSTACKED[(fused, shard)]}.")
                     shapes[ckpt] = owner.shard_shape(param, shard)
             else:
                 shapes[name] = tuple(param.shape)
