@@ -5,6 +5,7 @@ from rollout.engine import RolloutEngine
 from rollout.errors import InvalidRequestError
 from rollout.outputs import RolloutOutput, Sample
 from rollout.sampling_params import SamplingParams
+from weight_sync import TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected, run_together
 from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
 from worker.config import WorkerConfig
 from worker.errors import CheckpointError, EngineSleepingError, UnsupportedArchitectureError, WeightsInvalidError
@@ -25,7 +26,12 @@ __all__ = [
     "SamplingParams",
     "SeqChunk",
     "StepOutput",
+    "TransferInitInfo",
     "UnsupportedArchitectureError",
+    "UpdateInfo",
+    "WeightTransferError",
+    "WeightUpdateRejected",
     "WeightsInvalidError",
     "WorkerConfig",
+    "run_together",
 ]

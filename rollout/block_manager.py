@@ -25,7 +25,7 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(prev: Optional[int], token_ids: tuple[int, ...]) -> int:
+def chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
     return hash((prev, token_ids))
 
 
@@ -37,6 +37,7 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
         self.num_hit_blocks = 0  # blocks reused from the prefix cache so far
+        self.epoch = 0  # roots every hash chain; a reset starts a new one
 
     @property
     def num_free(self) -> int:
@@ -44,7 +45,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of the sequence (always leaving one token to compute)."""
-        hits, prev = [], None
+        hits, prev = [], self.epoch
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             prev = chain_hash(prev, tokens)
@@ -66,6 +67,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new: int, hits: list[int] = ()) -> None:
         """Give the sequence blocks for `num_new` more tokens; a new sequence first takes its prefix hits."""
+        if not seq.block_table:
+            seq.cache_epoch = self.epoch
         if not seq.block_table and hits:
             for block_id in hits:
                 self._take(block_id)
@@ -91,7 +94,7 @@ class BlockManager:
         full = seq.num_computed // self.block_size
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            prev = seq.block_hashes[-1] if seq.block_hashes else None
+            prev = seq.block_hashes[-1] if seq.block_hashes else seq.cache_epoch
             h = chain_hash(prev, tokens)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
@@ -115,7 +118,12 @@ class BlockManager:
         block.hash, block.token_ids = None, ()
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (after a weight change their KV is stale)."""
+        """Forget every cached block (after a weight change their KV is stale).
+
+        Sequences still running keep chaining from the old epoch, so blocks they
+        complete later (partly computed with the old weights) are never matched.
+        """
+        self.epoch += 1
         for block in self.blocks:
             block.hash, block.token_ids = None, ()
         self.cached.clear()

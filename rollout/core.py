@@ -8,7 +8,7 @@ from rollout.block_manager import BlockManager
 from rollout.config import EngineConfig
 from rollout.sampling_params import SamplingParams
 from rollout.scheduler import ScheduledSeq, Scheduler
-from rollout.sequence import Sequence
+from rollout.sequence import Sequence, Status
 from worker.batch import Batch, SamplingInfo, SeqChunk
 from worker.worker import Worker
 
@@ -83,6 +83,12 @@ class EngineCore:
         """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
         self.scheduler.abort_all()
 
+    def abort_inflight(self) -> None:
+        """End every queued and running sequence now with finish_reason "abort", keeping its tokens."""
+        for seq in self.scheduler.abort_all():
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
+
     def _chunk(self, item: ScheduledSeq) -> SeqChunk:
         seq = item.seq
         start = seq.num_computed
@@ -107,6 +113,7 @@ class EngineCore:
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         seq.token_ids.append(token)
+        seq.weight_versions.append(self.weight_version)
         if seq.params.logprobs:
             seq.logprobs.append(logprob)
         if seq.params.top_logprobs:

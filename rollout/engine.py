@@ -14,9 +14,11 @@ from tqdm.auto import tqdm
 from rollout.config import EngineConfig
 from rollout.core import EngineCore
 from rollout.outputs import RolloutOutput, Sample
+from rollout.pause import PAUSE_MODES, PauseMode, UpdateGate
 from rollout.sampling_params import SamplingParams
 from rollout.sequence import Sequence
 from rollout.validation import check_requests, load_eos_token_ids, load_tokenizer
+from weight_sync import TransferInitInfo, UpdateInfo
 from worker.memory.report import MemoryReport
 from worker.worker import Worker
 
@@ -45,7 +47,9 @@ class RolloutEngine:
         self.core = EngineCore(config, self.worker, eos, self.tokenizer)
         self._rng = random.Random(config.seed)
         self._next_request = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by whoever drives the worker: generate() or an update
+        self._update_lock = threading.Lock()  # one weight update at a time
+        self._gate = UpdateGate(self._lock)
 
     @property
     def weight_version(self) -> int:
@@ -71,6 +75,7 @@ class RolloutEngine:
         token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
                                                self.max_model_len)
         with self._lock:
+            self._gate.run_pending(PAUSE_MODES)
             self.worker.check_ready()
             requests = [self._add(prompt, p) for prompt, p in zip(token_prompts, params)]
             total = sum(len(seqs) for _, seqs in requests)
@@ -87,10 +92,20 @@ class RolloutEngine:
     def _run(self, bar) -> None:
         try:
             while self.core.has_work():
+                if self._gate.pending(("keep", "abort")):
+                    self._update_between_steps()
+                    continue
                 bar.update(len(self.core.step()))
         except BaseException:
             self.core.abort_all()
             raise
+
+    def _update_between_steps(self) -> None:
+        if self._gate.pending(("abort",)):
+            self.core.abort_inflight()
+        self._gate.run_pending(("keep", "abort"))
+        if self.worker.missing_weights:  # the update broke: return what the requests have so far
+            self.core.abort_inflight()
 
     def _output(self, request_id: str, prompt: list[int], seqs: list[Sequence]) -> RolloutOutput:
         return RolloutOutput(request_id=request_id, prompt_token_ids=prompt, samples=[self._sample(s) for s in seqs])
@@ -99,32 +114,80 @@ class RolloutEngine:
         text = seq.text
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        versions = seq.weight_versions
         return Sample(
             token_ids=seq.output_ids,
             logprobs=seq.logprobs if seq.params.logprobs else None,
             top_logprobs=seq.top_logprobs if seq.params.top_logprobs else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            weight_version=self.core.weight_version,
+            weight_version=versions[0] if versions else self.core.weight_version,
+            token_weight_versions=versions,
             text=text,
         )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: Optional[int] = None) -> int:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: Optional[int] = None,
+                     pause_mode: PauseMode = "wait") -> int:
         """Load checkpoint-format (Hugging Face name, tensor) pairs into the live model.
 
         Any subset of the model's tensors may be given. All are checked (names,
         shapes, floating dtype) before any is copied, so a rejected update leaves
         the old weights serving. `version` must be newer than `weight_version`
-        (default: one more). The prefix cache is cleared. Returns the new version.
+        (default: one more). May be called from another thread while generate()
+        runs: it lands between two steps as `pause_mode` says ("wait", "keep" or
+        "abort"; see the README). The prefix cache is cleared. Returns the new version.
         """
-        with self._lock:
+        items = list(weights)
+
+        def run() -> int:
             new = self.weight_version + 1 if version is None else version
             if new <= self.weight_version:
                 raise ValueError(f"version {new} is not newer than the serving weight_version {self.weight_version}")
-            self.worker.load_weights(weights)
-            self.core.block_manager.reset_prefix_cache()
-            self.core.weight_version = new
+            self.worker.load_weights(items)
+            self._serve_version(new)
             return new
+
+        with self._update_lock:
+            return self._gate.submit(run, pause_mode)
+
+    def init_weight_transfer(self, init_info: Union[TransferInitInfo, dict]) -> None:
+        """Join a weight-transfer group with a trainer (NCCL, CUDA IPC or gloo; see `TransferInitInfo`).
+
+        Blocks until every rank has joined (at most `timeout_s`), so start the
+        trainer's `WeightSender` at the same time (e.g. `weight_sync.run_together`).
+        Joining again leaves the previous group.
+        """
+        info = TransferInitInfo.model_validate(init_info)
+        with self._update_lock:
+            self.worker.init_weight_transfer(info)
+
+    def update_weights(self, update_info: Union[UpdateInfo, dict, None] = None,
+                       pause_mode: PauseMode = "wait") -> int:
+        """Receive the trainer's next update over the transfer group; returns the new weight_version.
+
+        The update the trainer announced is checked (names, shapes, dtypes, full
+        coverage, version newer; and equal to `update_info` when given) before a
+        byte moves; a refusal raises WeightUpdateRejected here and on the trainer,
+        and the old weights keep serving. The buckets are applied between two
+        generation steps as `pause_mode` says. If the transfer breaks, this raises
+        WeightTransferError and generation is refused until a complete update arrives.
+        """
+        expected = None if update_info is None else UpdateInfo.model_validate(update_info)
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause_mode must be one of {', '.join(PAUSE_MODES)}, got {pause_mode!r}")
+        with self._update_lock:
+            update = self.worker.next_update(expected, self.weight_version + 1)
+
+            def run() -> int:
+                self.worker.receive_update(update)
+                self._serve_version(update.version)
+                return update.version
+
+            return self._gate.submit(run, pause_mode)
+
+    def _serve_version(self, version: int) -> None:
+        self.core.block_manager.reset_prefix_cache()
+        self.core.weight_version = version
 
     def sleep(self, level: int = 1) -> None:
         """Give the device memory back (needs `enable_sleep_mode=True`).

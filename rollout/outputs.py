@@ -17,7 +17,11 @@ class Sample(BaseModel):
     )
     finish_reason: Literal["stop", "length", "abort"]
     stop_reason: Optional[int | str] = Field(None, description="The stop token id or stop string that ended it.")
-    weight_version: int = Field(description="Version of the weights that produced the tokens.")
+    weight_version: int = Field(
+        description="Version of the weights that produced the first token (all of them, unless an update with "
+        "pause_mode='keep' landed mid-sample); the serving version for a sample with no tokens."
+    )
+    token_weight_versions: list[int] = Field(description="Per token, the version of the weights that produced it.")
     text: Optional[str] = Field(None, description="Decoded tokens, when the checkpoint has a tokenizer.")
 
 

@@ -36,6 +36,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    weight_versions: list[int] = field(default_factory=list)  # per output token: the weights that produced it
+    cache_epoch: int = 0  # the prefix-cache epoch its block hashes chain from
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None

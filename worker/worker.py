@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 from transformers import AutoConfig
 
+from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError
 from worker.attention import get_attention_backend
 from worker.batch import Batch, StepOutput
 from worker.config import WorkerConfig
@@ -19,6 +20,7 @@ from worker.memory.report import MemoryReport, memory_report
 from worker.model_runner import ModelRunner
 from worker.models.llama import CausalLM
 from worker.models.registry import build_model
+from worker.updates import check_update, direct_target, make_apply, touched_names
 
 CPU_KV_CACHE_BYTES = 256 << 20
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,7 +42,8 @@ class Worker:
         self.num_kv_blocks = 0
         self.runner: Optional[ModelRunner] = None
         self.pool: Optional[MemoryPool] = None
-        self.missing_weights: set[str] = set()  # checkpoint names not loaded since the weights were discarded
+        self.missing_weights: set[str] = set()  # checkpoint names discarded (sleep level 2, broken update)
+        self.receiver: Optional[Receiver] = None
 
     def init_device(self) -> None:
         name = self.config.device
@@ -120,6 +123,40 @@ class Worker:
         self.missing_weights -= {self.model.canonical_name(name) for name in names}
         return len(items)
 
+    def init_weight_transfer(self, info: TransferInitInfo, worker_index: int = 0) -> None:
+        """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one)."""
+        self.close_weight_transfer()
+        self.receiver = Receiver(info, worker_index, self.device)
+
+    def close_weight_transfer(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+    def next_update(self, expected: Optional[UpdateInfo], min_version: int) -> UpdateInfo:
+        """Wait for the trainer's next update and check it; a refusal reaches the trainer too."""
+        if self.receiver is None:
+            raise RuntimeError("no weight-transfer group: call init_weight_transfer(info) first")
+        update = self.receiver.next_update(expected)
+        try:
+            check_update(self.model, self.pool, update, min_version)
+        except ValueError as exc:
+            self.receiver.refuse(str(exc))
+        return update
+
+    def receive_update(self, update: UpdateInfo) -> None:
+        """Accept the checked update and apply it; if it breaks, its tensors count as missing."""
+        names = touched_names(self.model, update)
+        try:
+            with torch.no_grad():
+                self.receiver.receive(update, make_apply(self.model, update), direct_target(self.pool, update))
+        except Exception as exc:
+            self.missing_weights |= names
+            if isinstance(exc, WeightTransferError):
+                raise
+            raise WeightTransferError(f"update version {update.version} broke while being applied: {exc}") from exc
+        self.missing_weights -= names
+
     def init_cache(self) -> int:
         """Allocate the paged KV cache; returns the number of blocks."""
         cfg, hf = self.config, self.hf_config
@@ -167,8 +204,9 @@ class Worker:
             raise EngineSleepingError(f"the engine is asleep ({', '.join(sorted(asleep))}); call wake_up() first")
         if self.missing_weights:
             raise WeightsInvalidError(
-                f"the weights are not whole: {len(self.missing_weights)} tensor(s) were discarded (sleep level 2) "
-                f"and not loaded since, e.g. {sorted(self.missing_weights)[0]}; load a full set of weights first"
+                f"the weights are not whole: {len(self.missing_weights)} tensor(s) were discarded (sleep level 2) or "
+                f"left half-written by a failed update, e.g. {sorted(self.missing_weights)[0]}; load or send "
+                f"them (a full update) first"
             )
 
     def sleep(self, level: int) -> None:
@@ -189,7 +227,8 @@ class Worker:
         self.pool.wake(tags)
 
     def shutdown(self) -> None:
-        """Drop the model and the cache and free the pool's memory."""
+        """Drop the model and the cache, leave any transfer group and free the pool's memory."""
+        self.close_weight_transfer()
         self.runner = None
         self.model = None
         if self.pool is not None:

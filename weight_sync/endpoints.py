@@ -1,0 +1,106 @@
+"""The two ends of a group: `Sender` (the trainer, rank 0) and `Receiver` (one engine worker).
+
+One update, both sides counting updates in step:
+1. the sender posts the UpdateInfo under `u/<n>/info`;
+2. each receiver checks it and answers `u/<n>/ack/<rank>` (accept, or the reason
+   it refused, which the sender raises too) before any byte moves;
+3. buckets flow; each receiver answers `u/<n>/done/<rank>` once it has applied them.
+A sender that gives up waiting for acks marks the update cancelled, so a late
+receiver skips it instead of waiting for bytes that never come.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from weight_sync.buckets import Bucket, plan_buckets
+from weight_sync.errors import WeightTransferError, WeightUpdateRejected
+from weight_sync.protocol import Ack, TransferInitInfo, UpdateInfo
+from weight_sync.transport import Apply, Transport, open_transport, receive_buckets, send_buckets
+
+
+class Sender:
+    """Rank 0 of a group: announces updates and sends their bytes."""
+
+    def __init__(self, info: TransferInitInfo, device: torch.device):
+        self.info = info
+        self.transport: Transport = open_transport(info, 0, device)
+        self.channel = self.transport.channel
+        self._updates = 0
+
+    def send(self, update: UpdateInfo, tensors: Iterator[torch.Tensor]) -> None:
+        """Announce `update`, and once every worker accepted it, send `tensors` (in its order)."""
+        key = f"u/{self._updates}"
+        self._updates += 1
+        self.channel.post(f"{key}/info", update)
+        try:
+            refused = self.channel.acks(f"{key}/ack", "every engine worker to accept the update")
+        except WeightTransferError:
+            self.channel.post(f"{key}/cancelled", "1")
+            raise
+        if refused:
+            raise WeightUpdateRejected(f"the engine refused update version {update.version}: " + "; ".join(refused))
+        send_buckets(self.transport, key, plan_buckets(update.tensors, update.bucket_bytes), tensors)
+        failed = self.channel.acks(f"{key}/done", "every engine worker to apply the update")
+        if failed:
+            raise WeightTransferError(f"update version {update.version} failed on the engine: " + "; ".join(failed))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class Receiver:
+    """One engine worker's membership of a group."""
+
+    def __init__(self, info: TransferInitInfo, worker_index: int, device: torch.device):
+        self.info = info
+        self.transport: Transport = open_transport(info, info.rank_offset + worker_index, device)
+        self.channel = self.transport.channel
+        self.rank = self.channel.rank
+        self._updates = 0
+        self._key = ""
+
+    def next_update(self, expected: Optional[UpdateInfo] = None) -> UpdateInfo:
+        """Wait for the trainer's next announced update; refuse it if it is not `expected`."""
+        while True:
+            key = f"u/{self._updates}"
+            update = self.channel.get(f"{key}/info", "the trainer's next update (call send on the trainer)",
+                                      UpdateInfo)
+            self._updates += 1
+            if not self.channel.store.check([f"{key}/cancelled"]):
+                break
+        self._key = key
+        if expected is not None and expected != update:
+            self.refuse(f"the update_info given to the engine (version {expected.version}, {expected.format}, "
+                        f"{len(expected.tensors)} tensors) differs from what the trainer sent (version "
+                        f"{update.version}, {update.format}, {len(update.tensors)} tensors)")
+        return update
+
+    def refuse(self, reason: str) -> None:
+        """Tell the trainer why the announced update is refused, and raise it here."""
+        self.channel.post(f"{self._key}/ack/{self.rank}", Ack(ok=False, error=reason))
+        raise WeightUpdateRejected(reason)
+
+    def receive(self, update: UpdateInfo, apply: Apply,
+                direct: Optional[Callable[[Bucket], torch.Tensor]] = None) -> None:
+        """Accept the announced update and apply its buckets as they arrive (see `receive_buckets`)."""
+        self.channel.post(f"{self._key}/ack/{self.rank}", Ack(ok=True))
+        try:
+            receive_buckets(self.transport, self._key, plan_buckets(update.tensors, update.bucket_bytes), apply,
+                            direct)
+        except Exception as exc:
+            self._report_done(Ack(ok=False, error=f"{type(exc).__name__}: {exc}"))
+            raise
+        self._report_done(Ack(ok=True))
+
+    def _report_done(self, ack: Ack) -> None:
+        try:
+            self.channel.post(f"{self._key}/done/{self.rank}", ack)
+        except WeightTransferError:
+            if ack.ok:
+                raise
+
+    def close(self) -> None:
+        self.transport.close()
