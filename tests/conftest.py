@@ -6,6 +6,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import save_checkpoint  # noqa: E402
+from sync_helpers import engine_for, greedy  # noqa: E402
+from trainer_process import TrainerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +22,20 @@ def checkpoint_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def trainer():
+    """A trainer process (see trainer_process.py), shared by the weight-sync tests."""
+    process = TrainerProcess()
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="session")
+def old_and_new(checkpoint_dir):
+    """Engine checkpoint (seed 0), trainer checkpoint (seed 1), and greedy outputs of fresh engines on each."""
+    old, new = checkpoint_dir("qwen3", 0), checkpoint_dir("qwen3", 1)
+    expected_old, expected_new = greedy(engine_for(old)), greedy(engine_for(new))
+    assert expected_old != expected_new
+    return old, new, expected_old, expected_new

@@ -1,0 +1,140 @@
+"""Weight sync over gloo between a trainer process and the engine (CPU, two processes)."""
+
+import time
+
+import pytest
+import torch
+
+from checkpoints import load_reference
+from rollout import WeightsInvalidError, WeightTransferError, WeightUpdateRejected
+from sync_helpers import GREEDY, PROMPTS, connect, engine_for, greedy, sync
+from trainer_process import TrainerError, TrainerProcess
+
+def test_full_update_gives_the_trainers_model(trainer, old_and_new):
+    old, new, expected_old, expected_new = old_and_new
+    engine = engine_for(old)
+    connect(trainer, engine)
+    sent, received = sync(trainer, engine, {"checkpoint": str(new)}, version=3, bucket_bytes=4096)
+    assert (sent, received, engine.weight_version) == (3, 3, 3)
+    outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.samples[0].token_ids for o in outs] == expected_new
+    assert {v for o in outs for v in o.samples[0].token_weight_versions} == {3}
+    assert outs[0].samples[0].weight_version == 3
+    reference = engine_for(new).generate(PROMPTS, GREEDY, use_tqdm=False)
+    for out, ref in zip(outs, reference):
+        assert out.samples[0].logprobs == pytest.approx(ref.samples[0].logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_wrapped_trainer_models_send_checkpoint_names(trainer, old_and_new, wrap):
+    old, new, _, expected_new = old_and_new
+    engine = engine_for(old)
+    connect(trainer, engine)
+    sent, received = sync(trainer, engine, {"checkpoint": str(new), "wrap": wrap}, version=1, bucket_bytes=8192)
+    assert (sent, received) == (1, 1)
+    assert greedy(engine) == expected_new
+
+
+def test_partial_update_changes_only_those_tensors(trainer, old_and_new):
+    old, new, expected_old, _ = old_and_new
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]
+    engine = engine_for(old)
+    connect(trainer, engine)
+    sync(trainer, engine, {"checkpoint": str(new), "names": names}, version=1, partial=True)
+    params = dict(load_reference(new).named_parameters())
+    reference = engine_for(old)
+    reference.load_weights([(name, params[name]) for name in names])
+    assert greedy(engine) == greedy(reference) != expected_old
+
+
+def kernel_tensors(path):
+    """The engine's own (kernel-format) parameters after loading `path`, in weight-arena order."""
+    engine = engine_for(path)
+    params = dict(engine.worker.model.named_parameters())
+    return {entry.name: params[entry.name].detach().clone() for entry in engine.worker.pool.weight_layout}
+
+
+def test_kernel_format_whole_arena_and_reordered(trainer, old_and_new):
+    old, new, _, expected_new = old_and_new
+    tensors = kernel_tensors(new)
+    engine = engine_for(old)
+    connect(trainer, engine)
+    sync(trainer, engine, {"tensors": tensors}, version=1, format="kernel", bucket_bytes=8192)
+    assert greedy(engine) == expected_new
+    engine = engine_for(old)
+    connect(trainer, engine)
+    reordered = dict(reversed(list(tensors.items())))
+    sync(trainer, engine, {"tensors": reordered}, version=1, format="kernel", bucket_bytes=8192)
+    assert greedy(engine) == expected_new
+
+
+def test_bad_updates_are_refused_on_both_sides(trainer, old_and_new):
+    old, new, expected_old, expected_new = old_and_new
+    engine = engine_for(old)
+    connect(trainer, engine)
+    ckpt = {"checkpoint": str(new)}
+    cases = [
+        ({"tensors": {"model.layers.0.mlp.bogus.weight": torch.randn(4, 4)}}, dict(partial=True), "unexpected"),
+        ({"checkpoint": str(new), "names": ["model.norm.weight"]}, {}, "missing"),
+        ({"tensors": {"model.norm.weight": torch.randn(65)}}, dict(partial=True), "expected shape [64]"),
+        ({"tensors": kernel_tensors(new)}, {}, "unexpected"),  # kernel names announced as checkpoint format
+        (ckpt, dict(format="kernel"), "unexpected"),  # checkpoint names announced as kernel format
+    ]
+    for weights, options, reason in cases:
+        sent, received = sync(trainer, engine, weights, version=2, **options)
+        assert isinstance(received, WeightUpdateRejected) and reason in str(received)
+        assert isinstance(sent, TrainerError) and sent.kind == "WeightUpdateRejected" and reason in sent.message
+        assert engine.weight_version == 0 and greedy(engine) == expected_old
+    announced = dict(version=9, bucket_bytes=4096)
+    other = {"version": 8, "tensors": [{"name": "model.norm.weight", "dtype": "float32", "shape": [64]}]}
+    sent, received = sync(trainer, engine, ckpt, engine_info=other, **announced)
+    assert isinstance(received, WeightUpdateRejected) and "differs from what the trainer sent" in str(received)
+    assert isinstance(sent, TrainerError) and "differs" in sent.message
+    assert sync(trainer, engine, ckpt, version=2) == [2, 2]
+    assert greedy(engine) == expected_new
+    sent, received = sync(trainer, engine, {"checkpoint": str(old)}, version=2)
+    assert isinstance(received, WeightUpdateRejected) and "not newer" in str(received)
+    assert isinstance(sent, TrainerError) and "not newer" in sent.message
+    assert greedy(engine) == expected_new
+
+
+def test_killed_sender_leaves_engine_refusing_until_a_complete_update(trainer, old_and_new):
+    old, new, _, expected_new = old_and_new
+    engine = engine_for(old)
+    doomed = TrainerProcess()
+    try:
+        connect(doomed, engine, timeout_s=4.0)
+        start = time.monotonic()
+        sent, received = sync(doomed, engine, {"checkpoint": str(new)}, version=1, bucket_bytes=4096, die_after=5)
+        elapsed = time.monotonic() - start
+    finally:
+        doomed.close()
+    assert isinstance(received, WeightTransferError), received
+    assert elapsed < 4.0 + 3.0
+    with pytest.raises(WeightsInvalidError, match="half-written by a failed update"):
+        engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert engine.weight_version == 0
+    connect(trainer, engine)
+    assert sync(trainer, engine, {"checkpoint": str(new)}, version=1) == [1, 1]
+    assert greedy(engine) == expected_new
+
+
+def test_update_into_sleeping_weights_is_refused_then_rl_wake_pattern_works(trainer, old_and_new):
+    old, new, _, expected_new = old_and_new
+    engine = engine_for(old, enable_sleep_mode=True)
+    connect(trainer, engine)
+    engine.sleep(level=2)
+    sent, received = sync(trainer, engine, {"checkpoint": str(new)}, version=1)
+    assert isinstance(received, WeightUpdateRejected) and "wake_up(tags=['weights'])" in str(received)
+    engine.wake_up(["weights"])
+    assert sync(trainer, engine, {"checkpoint": str(new)}, version=1) == [1, 1]
+    engine.wake_up(["kv_cache"])
+    assert greedy(engine) == expected_new
+
+
+def test_update_weights_needs_a_group(old_and_new):
+    engine = engine_for(old_and_new[0])
+    with pytest.raises(RuntimeError, match="init_weight_transfer"):
+        engine.update_weights()
+    with pytest.raises(ValueError, match="pause_mode"):
+        engine.update_weights(pause_mode="later")
