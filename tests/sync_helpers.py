@@ -14,9 +14,11 @@ def greedy(engine):
     return [o.samples[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def connect(trainer, engine, timeout_s=20.0):
-    info = TransferInitInfo.local("gloo", timeout_s=timeout_s)
-    run_together(lambda: trainer.call("init", **info.model_dump()), lambda: engine.init_weight_transfer(info))
+def connect(trainer, engine, timeout_s=20.0, backend="gloo", device=None):
+    """Join a new group: the trainer process (its buffers on `device`) and the engine."""
+    info = TransferInitInfo.local(backend, timeout_s=timeout_s)
+    run_together(lambda: trainer.call("init", device=device, **info.model_dump()),
+                 lambda: engine.init_weight_transfer(info))
 
 
 def sync(trainer, engine, weights, version, pause_mode="wait", engine_info=None, **send):
@@ -34,3 +36,9 @@ def sync(trainer, engine, weights, version, pause_mode="wait", engine_info=None,
     run_together(side(0, lambda: trainer.call("send", weights=weights, version=version, **send)),
                  side(1, lambda: engine.update_weights(engine_info, pause_mode=pause_mode)))
     return outcome
+
+
+def kernel_tensors(engine):
+    """The engine's own (kernel-format) parameters, in weight-arena order, copied to the CPU."""
+    params = dict(engine.worker.model.named_parameters())
+    return {entry.name: params[entry.name].detach().cpu().clone() for entry in engine.worker.pool.weight_layout}

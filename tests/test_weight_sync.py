@@ -7,7 +7,7 @@ import torch
 
 from checkpoints import load_reference
 from rollout import WeightsInvalidError, WeightTransferError, WeightUpdateRejected
-from sync_helpers import GREEDY, PROMPTS, connect, engine_for, greedy, sync
+from sync_helpers import GREEDY, PROMPTS, connect, engine_for, greedy, kernel_tensors, sync
 from trainer_process import TrainerError, TrainerProcess
 
 def test_full_update_gives_the_trainers_model(trainer, old_and_new):
@@ -47,16 +47,9 @@ def test_partial_update_changes_only_those_tensors(trainer, old_and_new):
     assert greedy(engine) == greedy(reference) != expected_old
 
 
-def kernel_tensors(path):
-    """The engine's own (kernel-format) parameters after loading `path`, in weight-arena order."""
-    engine = engine_for(path)
-    params = dict(engine.worker.model.named_parameters())
-    return {entry.name: params[entry.name].detach().clone() for entry in engine.worker.pool.weight_layout}
-
-
 def test_kernel_format_whole_arena_and_reordered(trainer, old_and_new):
     old, new, _, expected_new = old_and_new
-    tensors = kernel_tensors(new)
+    tensors = kernel_tensors(engine_for(new))
     engine = engine_for(old)
     connect(trainer, engine)
     sync(trainer, engine, {"tensors": tensors}, version=1, format="kernel", bucket_bytes=8192)
@@ -77,7 +70,7 @@ def test_bad_updates_are_refused_on_both_sides(trainer, old_and_new):
         ({"tensors": {"model.layers.0.mlp.bogus.weight": torch.randn(4, 4)}}, dict(partial=True), "unexpected"),
         ({"checkpoint": str(new), "names": ["model.norm.weight"]}, {}, "missing"),
         ({"tensors": {"model.norm.weight": torch.randn(65)}}, dict(partial=True), "expected shape [64]"),
-        ({"tensors": kernel_tensors(new)}, {}, "unexpected"),  # kernel names announced as checkpoint format
+        ({"tensors": kernel_tensors(engine_for(new))}, {}, "unexpected"),  # kernel names announced as checkpoint format
         (ckpt, dict(format="kernel"), "unexpected"),  # checkpoint names announced as kernel format
     ]
     for weights, options, reason in cases:

@@ -1,6 +1,6 @@
 """A trainer in a process of its own, driven over a pipe: the other side of two-process weight-sync tests.
 
-The child holds a `WeightSender` and sends what the parent asks for: a saved
+The child holds a `WeightSender` (on the device named at "init") and sends what the parent asks for: a saved
 checkpoint's transformers model (optionally wrapped in DDP or FSDP2), a subset
 of its tensors, or tensors the parent passes in. `die_after=n` makes the child
 exit abruptly after packing n tensors, as a trainer killed mid-transfer.
@@ -20,18 +20,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 @functools.lru_cache(maxsize=4)
-def _model(path: str):
+def _model(path: str, device: str):
     from checkpoints import load_reference
 
-    return load_reference(Path(path))
+    return load_reference(Path(path)).to(device)
 
 
-def _weights(spec: dict):
+def _weights(spec: dict, device: str):
     if "tensors" in spec:
-        return spec["tensors"]
+        return {name: tensor.to(device) for name, tensor in spec["tensors"].items()}
     if spec.get("wrap"):  # wrapping changes the model in place: a copy of its own
-        return _wrap(copy.deepcopy(_model(spec["checkpoint"])), spec["wrap"])
-    model = _model(spec["checkpoint"])
+        return _wrap(copy.deepcopy(_model(spec["checkpoint"], device)), spec["wrap"])
+    model = _model(spec["checkpoint"], device)
     if spec.get("names"):
         params = dict(model.named_parameters())
         return {name: params[name] for name in spec["names"]}
@@ -75,7 +75,7 @@ def _serve(conn) -> None:
     torch.set_num_threads(1)
     from trainer_adapters import TransferInitInfo, WeightSender
 
-    sender = None
+    sender, device = None, "cpu"
     while True:
         cmd, kwargs = conn.recv()
         try:
@@ -85,13 +85,14 @@ def _serve(conn) -> None:
             if cmd == "init":
                 if sender is not None:
                     sender.close()
-                sender = WeightSender(TransferInitInfo(**kwargs))
+                device = kwargs.pop("device", None) or "cpu"
+                sender = WeightSender(TransferInitInfo(**kwargs), device=device)
                 result = None
             else:
                 die_after = kwargs.pop("die_after", None)
                 if die_after is not None:
                     _die_after(die_after)
-                weights = _weights(kwargs.pop("weights"))
+                weights = _weights(kwargs.pop("weights"), device)
                 result = sender.send(weights, **kwargs).version
             conn.send(("ok", result))
         except Exception as exc:  # noqa: BLE001 - reported to the parent

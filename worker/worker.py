@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -126,7 +127,8 @@ class Worker:
     def init_weight_transfer(self, info: TransferInitInfo, worker_index: int = 0) -> None:
         """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one)."""
         self.close_weight_transfer()
-        self.receiver = Receiver(info, worker_index, self.device)
+        with self._on_device():
+            self.receiver = Receiver(info, worker_index, self.device)
 
     def close_weight_transfer(self) -> None:
         if self.receiver is not None:
@@ -148,7 +150,7 @@ class Worker:
         """Accept the checked update and apply it; if it breaks, its tensors count as missing."""
         names = touched_names(self.model, update)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._on_device():
                 self.receiver.receive(update, make_apply(self.model, update), direct_target(self.pool, update))
         except Exception as exc:
             self.missing_weights |= names
@@ -156,6 +158,10 @@ class Worker:
                 raise
             raise WeightTransferError(f"update version {update.version} broke while being applied: {exc}") from exc
         self.missing_weights -= names
+
+    def _on_device(self):
+        """Make the worker's device current (updates may run on another thread than the one that built it)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def init_cache(self) -> int:
         """Allocate the paged KV cache; returns the number of blocks."""
@@ -193,7 +199,8 @@ class Worker:
         return budget
 
     def execute(self, batch: Batch) -> StepOutput:
-        return self.runner.execute(batch)
+        with self._on_device():
+            return self.runner.execute(batch)
 
     def check_ready(self) -> None:
         """Raise unless the worker can generate: everything awake and the weights whole."""
