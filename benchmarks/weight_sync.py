@@ -105,7 +105,7 @@ def timed_raw(conn, engine, nbytes: int) -> float:
 
 
 def run_backend(conn, backend: str, engine, args, nbytes: int, rows: list) -> None:
-    info = TransferInitInfo.local(backend, timeout_s=300)
+    info = TransferInitInfo.local(backend, timeout_s=60)
 
     def trainer_init():
         conn.send(("init", info.model_dump()))

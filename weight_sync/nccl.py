@@ -9,6 +9,7 @@ timeout, then aborts the communicator so no kernel waits forever.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Optional
@@ -29,6 +30,18 @@ def _nccl():
     return nccl
 
 
+def _encode_id(uid) -> str:
+    """cupy gives the NCCL unique id as bytes (older versions: a tuple of ints)."""
+    if isinstance(uid, bytes):
+        return json.dumps({"b64": base64.b64encode(uid).decode()})
+    return json.dumps({"ints": list(uid)})
+
+
+def _decode_id(text: str):
+    data = json.loads(text)
+    return base64.b64decode(data["b64"]) if "b64" in data else tuple(data["ints"])
+
+
 class NcclTransport(Transport):
     """Rank 0 broadcasts each bucket to every engine worker."""
 
@@ -37,8 +50,8 @@ class NcclTransport(Transport):
         nccl = _nccl()
         self._nccl = nccl
         if channel.rank == 0:
-            channel.post("nccl/id", json.dumps(list(nccl.get_unique_id())))
-        uid = tuple(json.loads(channel.get("nccl/id", "the NCCL id from the trainer")))
+            channel.post("nccl/id", _encode_id(nccl.get_unique_id()))
+        uid = _decode_id(channel.get("nccl/id", "the NCCL id from the trainer"))
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(channel.info.world_size, uid, channel.rank)
             self.stream = torch.cuda.Stream(device)
