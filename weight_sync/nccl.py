@@ -115,7 +115,12 @@ class NcclTransport(Transport):
             raise WeightTransferError(f"this NCCL group broke earlier ({self._broken}); join a new one")
 
     def close(self) -> None:
+        """Leave the group. Aborting is local, unlike ncclCommDestroy, which can block until the peers leave too."""
         super().close()
         if not self._broken:
-            self.comm.destroy()
             self._broken = "closed"
+            self.comm.abort()
+
+    def __del__(self) -> None:
+        if getattr(self, "comm", None) is not None:
+            self.close()
