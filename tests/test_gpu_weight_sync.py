@@ -64,6 +64,7 @@ def test_nccl_sender_killed_midway(trainer, checkpoint_dir):
     doomed = TrainerProcess()
     try:
         connect(doomed, engine, backend="nccl", device="cuda:0", timeout_s=5.0)
+        doomed.call("load", weights={"checkpoint": str(new)})
         start = time.monotonic()
         _, received = sync(doomed, engine, {"checkpoint": str(new)}, version=1, bucket_bytes=64 << 10, die_after=7)
         elapsed = time.monotonic() - start

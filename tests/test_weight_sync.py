@@ -97,6 +97,7 @@ def test_killed_sender_leaves_engine_refusing_until_a_complete_update(trainer, o
     doomed = TrainerProcess()
     try:
         connect(doomed, engine, timeout_s=4.0)
+        doomed.call("load", weights={"checkpoint": str(new)})
         start = time.monotonic()
         sent, received = sync(doomed, engine, {"checkpoint": str(new)}, version=1, bucket_bytes=4096, die_after=5)
         elapsed = time.monotonic() - start

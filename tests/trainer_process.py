@@ -88,6 +88,9 @@ def _serve(conn) -> None:
                 device = kwargs.pop("device", None) or "cpu"
                 sender = WeightSender(TransferInitInfo(**kwargs), device=device)
                 result = None
+            elif cmd == "load":  # build the weights now, so a later send starts at once
+                _weights(kwargs["weights"], device)
+                result = None
             else:
                 die_after = kwargs.pop("die_after", None)
                 if die_after is not None:
