@@ -48,8 +48,10 @@ def _named(weights: Weights) -> list[tuple[str, torch.Tensor]]:
 
 def tensor_metas(weights: Weights, dtype: Optional[torch.dtype] = None) -> list[TensorMeta]:
     """Name, dtype (or `dtype` when casting) and global shape of each tensor, without gathering anything."""
+    # built without pydantic's per-field validation: dtype_name checks the dtype, torch the shape
     return [
-        TensorMeta(name=name, dtype=dtype_name(dtype or t.dtype), shape=tuple(t.shape)) for name, t in _named(weights)
+        TensorMeta.model_construct(name=name, dtype=dtype_name(dtype or t.dtype), shape=tuple(t.shape))
+        for name, t in _named(weights)
     ]
 
 

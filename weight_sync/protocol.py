@@ -5,6 +5,7 @@ Messages are pydantic models, sent as JSON over the group's TCP store (never pic
 
 from __future__ import annotations
 
+import math
 import socket
 from collections import Counter
 from typing import Literal
@@ -13,6 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
+ITEMSIZE = {name: getattr(torch, name).itemsize for name in FLOAT_DTYPES}
+_NAMES = {getattr(torch, name): name for name in FLOAT_DTYPES}
 DEFAULT_BUCKET_BYTES = 1 << 30
 
 
@@ -23,9 +26,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The protocol name of a torch dtype; only floating dtypes travel."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"weights must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {name}")
+    name = _NAMES.get(dtype)
+    if name is None:
+        raise ValueError(f"weights must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {dtype}")
     return name
 
 
@@ -54,7 +57,7 @@ class TensorMeta(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":

@@ -136,6 +136,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._params: dict[str, nn.Parameter] = {}  # filled at the first load, after the memory pool placed them
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -157,7 +159,12 @@ class CausalLM(nn.Module):
         return name, None
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every checkpoint-format tensor name this model loads, with its shape."""
+        """Every checkpoint-format tensor name this model loads, with its shape (a copy the caller may change)."""
+        if not self._shapes:
+            self._shapes = self._compute_checkpoint_shapes()
+        return dict(self._shapes)
+
+    def _compute_checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         params = dict(self.named_parameters())
         shapes: dict[str, tuple[int, ...]] = {}
         for name, param in params.items():
@@ -175,8 +182,11 @@ class CausalLM(nn.Module):
         """Copy checkpoint-format tensors into the fused parameters; returns the names loaded.
 
         Names and shapes must already be validated against `checkpoint_shapes()`.
+        Parameters must not be replaced after the first call (their table is kept).
         """
-        params = dict(self.named_parameters())
+        if not self._params:
+            self._params = dict(self.named_parameters())
+        params = self._params
         loaded = set()
         for name, tensor in weights:
             target, shard = self.map_name(name)
