@@ -112,23 +112,23 @@ def run_backend(conn, backend: str, engine, args, nbytes: int, rows: list) -> No
         conn.recv()
 
     run_together(trainer_init, lambda: engine.init_weight_transfer(info))
-    cases = [("checkpoint", {}), ("kernel", {})]
     if backend == "nccl":
         times = [timed_raw(conn, engine, nbytes) for _ in range(args.repeats + 1)][1:]
         rows.append(dict(backend=backend, what="raw broadcast, one call", median_ms=statistics.median(times) * 1e3,
                          min_ms=min(times) * 1e3, gbps=nbytes / statistics.median(times) / 1e9, extra_gib=0.0))
-    for fmt, _ in cases:
-        times, memory = [], 0
-        for _ in range(args.repeats + 1):
-            version = engine.weight_version + 1
-            seconds, extra = timed_update(conn, engine, dict(version=version, format=fmt,
-                                                             bucket_bytes=args.bucket_mb << 20))
-            times.append(seconds)
-            memory = max(memory, extra)
-        times = times[1:]
-        rows.append(dict(backend=backend, what=f"{fmt}-format update", median_ms=statistics.median(times) * 1e3,
-                         min_ms=min(times) * 1e3, gbps=nbytes / statistics.median(times) / 1e9,
-                         extra_gib=memory / GiB))
+    for fmt in ("checkpoint", "kernel"):
+        for bucket_mb in args.bucket_mb:
+            times, memory = [], 0
+            for _ in range(args.repeats + 1):
+                version = engine.weight_version + 1
+                seconds, extra = timed_update(conn, engine, dict(version=version, format=fmt,
+                                                                 bucket_bytes=bucket_mb << 20))
+                times.append(seconds)
+                memory = max(memory, extra)
+            times = times[1:]
+            rows.append(dict(backend=backend, what=f"{fmt} format, {bucket_mb} MiB buckets",
+                             median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
+                             gbps=nbytes / statistics.median(times) / 1e9, extra_gib=memory / GiB))
 
 
 def main() -> None:
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="where the engine's random checkpoint is (or goes)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bucket-mb", type=int, default=1024)
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[256])
     parser.add_argument("--skip-ipc", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -166,12 +166,11 @@ def main() -> None:
 
 def report(args, nbytes: int, rows: list[dict]) -> None:
     facts = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(0), commit=git_commit(),
-                 model=Path(args.config).stem, weights_gib=nbytes / GiB, bucket_mb=args.bucket_mb,
-                 repeats=args.repeats)
+                 model=Path(args.config).stem, weights_gib=nbytes / GiB, repeats=args.repeats)
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items()))
-    print(f"{'backend':8} {'what':28} {'median ms':>10} {'min ms':>8} {'GB/s':>7} {'extra GiB':>10}")
+    print(f"{'backend':8} {'what':36} {'median ms':>10} {'min ms':>8} {'GB/s':>7} {'extra GiB':>10}")
     for r in rows:
-        print(f"{r['backend']:8} {r['what']:28} {r['median_ms']:10.1f} {r['min_ms']:8.1f} {r['gbps']:7.0f} "
+        print(f"{r['backend']:8} {r['what']:36} {r['median_ms']:10.1f} {r['min_ms']:8.1f} {r['gbps']:7.0f} "
               f"{r['extra_gib']:10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(facts, rows=rows), indent=2))
