@@ -122,11 +122,12 @@ def run_backend(conn, backend: str, engine, args, nbytes: int, rows: list) -> No
             for _ in range(args.repeats + 1):
                 version = engine.weight_version + 1
                 seconds, extra = timed_update(conn, engine, dict(version=version, format=fmt,
-                                                                 bucket_bytes=bucket_mb << 20))
+                                                                 bucket_bytes=(bucket_mb << 20) or None))
                 times.append(seconds)
                 memory = max(memory, extra)
             times = times[1:]
-            rows.append(dict(backend=backend, what=f"{fmt} format, {bucket_mb} MiB buckets",
+            size = f"{bucket_mb} MiB" if bucket_mb else "auto"
+            rows.append(dict(backend=backend, what=f"{fmt} format, {size} buckets",
                              median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
                              gbps=nbytes / statistics.median(times) / 1e9, extra_gib=memory / GiB))
 
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="where the engine's random checkpoint is (or goes)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[256])
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[0], help="0: the sender's automatic size")
     parser.add_argument("--skip-ipc", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()

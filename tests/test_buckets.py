@@ -8,7 +8,7 @@ from rollout import UpdateInfo
 from sync_helpers import engine_for
 from trainer_adapters import tensor_metas
 from weight_sync import TensorMeta, flat_offsets, plan_buckets
-from weight_sync.buckets import slot_view
+from weight_sync.buckets import auto_bucket_bytes, slot_view
 from worker.updates import direct_target
 
 
@@ -73,3 +73,12 @@ def test_whole_arena_kernel_update_lands_in_place(checkpoint_dir):
     assert direct_target(pool, full.model_copy(update=dict(tensors=layout[::-1]))) is None
     assert direct_target(pool, full.model_copy(update=dict(partial=True))) is None
     assert direct_target(pool, full.model_copy(update=dict(format="checkpoint"))) is None
+
+
+def test_automatic_bucket_size_is_an_eighth_within_bounds():
+    def of_total(nbytes):
+        return auto_bucket_bytes([meta("w", "bfloat16", nbytes // 2)])
+
+    assert of_total(4 << 30) == 512 << 20
+    assert of_total(1 << 30) == 256 << 20
+    assert of_total(16 << 30) == 1 << 30

@@ -8,7 +8,7 @@ import torch
 
 from trainer_adapters.tensors import Weights, iter_tensors, tensor_metas
 from weight_sync import Sender, TransferInitInfo, UpdateInfo, run_together
-from weight_sync.protocol import DEFAULT_BUCKET_BYTES
+from weight_sync.buckets import auto_bucket_bytes
 
 
 class WeightSender:
@@ -34,12 +34,13 @@ class WeightSender:
         version: int,
         format: Literal["checkpoint", "kernel"] = "checkpoint",
         partial: bool = False,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> UpdateInfo:
         """The UpdateInfo `send` with the same arguments announces (metadata only, nothing gathered)."""
-        return UpdateInfo(version=version, format=format, tensors=tensor_metas(weights, dtype),
-                          bucket_bytes=bucket_bytes, partial=partial)
+        metas = tensor_metas(weights, dtype)
+        return UpdateInfo(version=version, format=format, tensors=metas,
+                          bucket_bytes=bucket_bytes or auto_bucket_bytes(metas), partial=partial)
 
     def send(
         self,
@@ -47,7 +48,7 @@ class WeightSender:
         version: int,
         format: Literal["checkpoint", "kernel"] = "checkpoint",
         partial: bool = False,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> UpdateInfo:
         """Send `weights` as update `version`; returns when every engine worker has applied it.
@@ -55,7 +56,9 @@ class WeightSender:
         `weights`: an nn.Module (plain, Hugging Face, DDP, FSDP2, compiled), a dict
         or (name, tensor) pairs. "checkpoint" format uses Hugging Face names (what
         the module's `named_parameters` gives); "kernel" the engine's own parameter
-        names. `partial=True` sends a subset. `dtype` casts on the trainer before
+        names. `partial=True` sends a subset. `bucket_bytes` (default: an eighth of
+        the update, within 256 MiB .. 1 GiB) sets the engine's staging: two buckets
+        (each at least the largest tensor). `dtype` casts on the trainer before
         sending (e.g. bfloat16 halves the bytes of an fp32 trainer). Raises
         WeightUpdateRejected if the engine refuses it (nothing moved; the engine
         keeps its weights) and WeightTransferError if the transfer breaks.

@@ -16,6 +16,17 @@ import torch
 from weight_sync.protocol import TensorMeta, torch_dtype
 
 ALIGN = 256
+MIN_AUTO_BUCKET, MAX_AUTO_BUCKET = 256 << 20, 1 << 30
+
+
+def auto_bucket_bytes(tensors: list[TensorMeta]) -> int:
+    """A bucket size for an update: an eighth of its bytes, within 256 MiB .. 1 GiB.
+
+    Measured on H200s (benchmarks/RESULTS.md): small models gain from several
+    buckets in flight (packing overlaps the broadcast); large ones from fewer, larger calls.
+    """
+    total = sum(meta.nbytes for meta in tensors)
+    return min(MAX_AUTO_BUCKET, max(MIN_AUTO_BUCKET, total // 8))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
 ITEMSIZE = {name: getattr(torch, name).itemsize for name in FLOAT_DTYPES}
 _NAMES = {getattr(torch, name): name for name in FLOAT_DTYPES}
-DEFAULT_BUCKET_BYTES = 1 << 30
+DEFAULT_BUCKET_BYTES = 256 << 20
 
 
 def torch_dtype(name: str) -> torch.dtype:
