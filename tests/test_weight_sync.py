@@ -78,6 +78,11 @@ def test_bad_updates_are_refused_on_both_sides(trainer, old_and_new):
         assert isinstance(received, WeightUpdateRejected) and reason in str(received)
         assert isinstance(sent, TrainerError) and sent.kind == "WeightUpdateRejected" and reason in sent.message
         assert engine.weight_version == 0 and greedy(engine) == expected_old
+    sent, received = sync(trainer, engine, {"tensors": {"model.norm.weight": torch.arange(64)}}, version=2,
+                          partial=True)
+    assert isinstance(sent, TrainerError) and sent.kind == "ValueError" and "floating dtype" in sent.message
+    assert isinstance(received, WeightUpdateRejected) and "gave up on its update" in str(received)
+    assert "floating dtype" in str(received)
     announced = dict(version=9, bucket_bytes=4096)
     other = {"version": 8, "tensors": [{"name": "model.norm.weight", "dtype": "float32", "shape": [64]}]}
     sent, received = sync(trainer, engine, ckpt, engine_info=other, **announced)
@@ -132,3 +137,13 @@ def test_update_weights_needs_a_group(old_and_new):
         engine.update_weights()
     with pytest.raises(ValueError, match="pause_mode"):
         engine.update_weights(pause_mode="later")
+
+
+def test_update_nobody_received_is_skipped_by_the_next_one(trainer, old_and_new):
+    old, new, _, expected_new = old_and_new
+    engine = engine_for(old)
+    connect(trainer, engine, timeout_s=2.0)
+    with pytest.raises(TrainerError, match="WeightTransferError.*accept the update"):
+        trainer.call("send", weights={"checkpoint": str(new)}, version=1)
+    assert sync(trainer, engine, {"checkpoint": str(new)}, version=2) == [2, 2]
+    assert greedy(engine) == expected_new

@@ -63,7 +63,11 @@ class WeightSender:
         WeightUpdateRejected if the engine refuses it (nothing moved; the engine
         keeps its weights) and WeightTransferError if the transfer breaks.
         """
-        update = self.update_info(weights, version, format, partial, bucket_bytes, dtype)
+        try:
+            update = self.update_info(weights, version, format, partial, bucket_bytes, dtype)
+        except (ValueError, TypeError) as exc:
+            self._sender.abandon(f"{type(exc).__name__}: {exc}")
+            raise
         self._sender.send(update, (tensor for _, tensor in iter_tensors(weights, dtype)))
         return update
 

@@ -6,7 +6,9 @@ One update, both sides counting updates in step:
    it refused, which the sender raises too) before any byte moves;
 3. buckets flow; each receiver answers `u/<n>/done/<rank>` once it has applied them.
 A sender that gives up waiting for acks marks the update cancelled, so a late
-receiver skips it instead of waiting for bytes that never come.
+receiver skips it instead of waiting for bytes that never come; one that cannot
+prepare its update (e.g. integer tensors) announces the failure instead, so the
+receiver raises it too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from weight_sync.buckets import Bucket, plan_buckets
 from weight_sync.errors import WeightTransferError, WeightUpdateRejected
-from weight_sync.protocol import Ack, TransferInitInfo, UpdateInfo
+from weight_sync.protocol import Ack, Announcement, TransferInitInfo, UpdateInfo
 from weight_sync.transport import Apply, Transport, open_transport, receive_buckets, send_buckets
 
 
@@ -32,9 +34,8 @@ class Sender:
 
     def send(self, update: UpdateInfo, tensors: Iterator[torch.Tensor]) -> None:
         """Announce `update`, and once every worker accepted it, send `tensors` (in its order)."""
-        key = f"u/{self._updates}"
-        self._updates += 1
-        self.channel.post(f"{key}/info", update)
+        key = self._next_key()
+        self.channel.post(f"{key}/info", Announcement(update=update))
         try:
             refused = self.channel.acks(f"{key}/ack", "every engine worker to accept the update")
         except WeightTransferError:
@@ -46,6 +47,14 @@ class Sender:
         failed = self.channel.acks(f"{key}/done", "every engine worker to apply the update")
         if failed:
             raise WeightTransferError(f"update version {update.version} failed on the engine: " + "; ".join(failed))
+
+    def abandon(self, reason: str) -> None:
+        """Tell the engine the next update will not come (the trainer failed to prepare it)."""
+        self.channel.post(f"{self._next_key()}/info", Announcement(error=reason))
+
+    def _next_key(self) -> str:
+        self._updates += 1
+        return f"u/{self._updates - 1}"
 
     def close(self) -> None:
         self.transport.close()
@@ -66,12 +75,15 @@ class Receiver:
         """Wait for the trainer's next announced update; refuse it if it is not `expected`."""
         while True:
             key = f"u/{self._updates}"
-            update = self.channel.get(f"{key}/info", "the trainer's next update (call send on the trainer)",
-                                      UpdateInfo)
+            announced = self.channel.get(f"{key}/info", "the trainer's next update (call send on the trainer)",
+                                         Announcement)
             self._updates += 1
             if not self.channel.store.check([f"{key}/cancelled"]):
                 break
         self._key = key
+        if announced.update is None:
+            raise WeightUpdateRejected(f"the trainer gave up on its update before announcing it: {announced.error}")
+        update = announced.update
         if expected is not None and expected != update:
             self.refuse(f"the update_info given to the engine (version {expected.version}, {expected.format}, "
                         f"{len(expected.tensors)} tensors) differs from what the trainer sent (version "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import socket
 from collections import Counter
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -114,6 +114,13 @@ class UpdateInfo(BaseModel):
         if repeated:
             raise ValueError(f"tensor names must be unique; repeated: {repeated[:8]}")
         return self
+
+
+class Announcement(BaseModel):
+    """What the trainer posts for its next update: the update, or why it could not send one."""
+
+    update: Optional[UpdateInfo] = None
+    error: str = ""
 
 
 class Ack(BaseModel):
