@@ -151,7 +151,8 @@ class Worker:
         names = touched_names(self.model, update)
         try:
             with torch.no_grad(), self._on_device():
-                self.receiver.receive(update, make_apply(self.model, update), direct_target(self.pool, update))
+                direct = direct_target(self.pool, update) if self.receiver.transport.device == self.device else None
+                self.receiver.receive(update, make_apply(self.model, update), direct)
         except Exception as exc:
             self.missing_weights |= names
             if isinstance(exc, WeightTransferError):
