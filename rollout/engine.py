@@ -20,6 +20,7 @@ from rollout.sequence import Sequence
 from rollout.validation import check_requests, load_eos_token_ids, load_tokenizer
 from weight_sync import TransferInitInfo, UpdateInfo
 from worker.memory.report import MemoryReport
+from worker.parallel import TensorParallelInit
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
@@ -29,15 +30,19 @@ class RolloutEngine:
     """Generates samples with exact per-token logprobs from a Hugging Face checkpoint.
 
     `RolloutEngine(EngineConfig(...))` or `RolloutEngine(model="ckpt_dir", **config_fields)`.
+    With `tensor_parallel_size` > 1, one engine runs in each rank's process, each given
+    its `tensor_parallel` (rank, size, rendezvous): every rank runs the same requests
+    and returns the same outputs.
     """
 
-    def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
+    def __init__(self, config: Optional[EngineConfig] = None, *,
+                 tensor_parallel: Optional[TensorParallelInit] = None, **kwargs):
         if config is None:
             config = EngineConfig(**kwargs)
         elif kwargs:
             raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(kwargs)})")
         self.config = config
-        self.worker = Worker(config)
+        self.worker = Worker(config, tensor_parallel)
         self.worker.init_device()
         self.worker.load_model()
         self.worker.init_cache()

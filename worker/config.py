@@ -35,6 +35,9 @@ class WorkerConfig(BaseModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="On CUDA, fraction of device memory the worker may use (KV cache sized to fit)."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks one model is split over (one process each, started by an executor)."
+    )
     enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
     attention_backend: Literal["auto", "reference"] = Field(
         "auto", description="'reference': the pure-torch paged backend (CPU and GPU). 'auto' picks the best available."

@@ -19,8 +19,11 @@ from worker.memory.pool import WEIGHTS, MemoryPool
 from worker.models.llama import CausalLM
 
 
-def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_version: int) -> None:
+def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_version: int, tp_size: int = 1) -> None:
     """Raise ValueError (CheckpointError for tensor problems) unless `update` can be applied."""
+    if update.format == "kernel" and tp_size > 1:
+        raise ValueError(f"kernel-format updates carry one rank's layout; with tensor_parallel_size={tp_size} "
+                         f"send checkpoint format (each rank keeps its slice)")
     if update.version < min_version:
         raise ValueError(f"update version {update.version} is not newer than the serving weight_version "
                          f"{min_version - 1}")

@@ -21,6 +21,7 @@ from worker.memory.report import MemoryReport, memory_report
 from worker.model_runner import ModelRunner
 from worker.models.llama import CausalLM
 from worker.models.registry import build_model
+from worker.parallel import TensorParallel, TensorParallelInit, check_divides
 from worker.updates import check_update, direct_target, make_apply, touched_names
 
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -33,8 +34,17 @@ class Worker:
     Parameters and KV blocks are views into the arenas of the worker's MemoryPool.
     """
 
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, tensor_parallel: Optional[TensorParallelInit] = None):
+        size = tensor_parallel.size if tensor_parallel else 1
+        if size != config.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size} needs one process per rank, each given its "
+                f"TensorParallelInit(rank=..., size={config.tensor_parallel_size}, ...) (an executor does this); "
+                f"got {'none' if tensor_parallel is None else f'one of size {size}'}"
+            )
         self.config = config
+        self.tp_init = tensor_parallel
+        self.tp = TensorParallel()
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.hf_config = None
@@ -67,6 +77,11 @@ class Worker:
             what = "does not exist" if not root.exists() else "has no config.json"
             raise CheckpointError(f"model {self.config.model!r} {what}; expected a Hugging Face checkpoint directory")
         self.hf_config = AutoConfig.from_pretrained(root)
+        if self.tp_init is not None:
+            hf = self.hf_config
+            check_divides(self.tp_init.size, {name: getattr(hf, name) for name in (
+                "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")})
+            self.tp = TensorParallel.join(self.tp_init, self.device)
         self.dtype = self._resolve_dtype()
         limit = int(self.hf_config.max_position_embeddings)
         self.max_model_len = self.config.max_model_len or limit
@@ -76,7 +91,7 @@ class Worker:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device("meta"):
-                self.model = build_model(self.hf_config, self.max_model_len)
+                self.model = build_model(self.hf_config, self.max_model_len, self.tp)
         finally:
             torch.set_default_dtype(previous)
         self.model.eval()
@@ -124,11 +139,14 @@ class Worker:
         self.missing_weights -= {self.model.canonical_name(name) for name in names}
         return len(items)
 
-    def init_weight_transfer(self, info: TransferInitInfo, worker_index: int = 0) -> None:
-        """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one)."""
+    def init_weight_transfer(self, info: TransferInitInfo, worker_index: Optional[int] = None) -> None:
+        """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one).
+
+        `worker_index` defaults to this worker's tensor-parallel rank.
+        """
         self.close_weight_transfer()
         with self._on_device():
-            self.receiver = Receiver(info, worker_index, self.device)
+            self.receiver = Receiver(info, self.tp.rank if worker_index is None else worker_index, self.device)
 
     def close_weight_transfer(self) -> None:
         if self.receiver is not None:
@@ -141,7 +159,7 @@ class Worker:
             raise RuntimeError("no weight-transfer group: call init_weight_transfer(info) first")
         update = self.receiver.next_update(expected)
         try:
-            check_update(self.model, self.pool, update, min_version)
+            check_update(self.model, self.pool, update, min_version, self.tp.size)
         except ValueError as exc:
             self.receiver.refuse(str(exc))
         return update
@@ -168,7 +186,7 @@ class Worker:
         """Allocate the paged KV cache; returns the number of blocks."""
         cfg, hf = self.config, self.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        block_shape = (2, cfg.block_size, hf.num_key_value_heads, head_dim)
+        block_shape = (2, cfg.block_size, hf.num_key_value_heads // self.tp.size, head_dim)
         per_block = hf.num_hidden_layers * torch.Size(block_shape).numel() * self.dtype.itemsize
         self.num_kv_blocks = cfg.num_kv_blocks or self._budget_bytes() // per_block
         needed = -(-self.max_model_len // cfg.block_size)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from worker.parallel import TensorParallel
+
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Optional[object]], None]
 
 
@@ -33,19 +35,23 @@ class RMSNorm(nn.Module):
 
 
 class FusedLinear(nn.Module):
-    """A linear layer whose output rows are several checkpoint tensors stacked.
+    """A column-parallel linear layer whose output rows are several checkpoint tensors stacked.
 
-    `shards` maps a shard id (e.g. "q", "k", "v" or 0, 1) to its output size, in
-    order; the checkpoint's separate projections load into their row ranges.
+    `shards` maps a shard id (e.g. "q", "k", "v" or 0, 1) to its full output size,
+    in order. Each rank holds its slice of every shard (rows rank*n/tp .. (rank+1)*n/tp),
+    and the checkpoint's separate projections load into their row ranges.
     """
 
-    def __init__(self, in_features: int, shards: dict[object, int], bias: bool):
+    def __init__(self, in_features: int, shards: dict[object, int], bias: bool, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
+        self.full: dict[object, int] = dict(shards)
         self.offsets: dict[object, tuple[int, int]] = {}
         start = 0
         for shard, size in shards.items():
-            self.offsets[shard] = (start, size)
-            start += size
+            local = tp.split(size, f"the {shard!r} projection's {size} rows")
+            self.offsets[shard] = (start, local)
+            start += local
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.weight.weight_loader = self.load_shard
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
@@ -54,14 +60,66 @@ class FusedLinear(nn.Module):
 
     def shard_shape(self, param: nn.Parameter, shard: object) -> tuple[int, ...]:
         """Checkpoint shape of one shard of `param`."""
-        return (self.offsets[shard][1], *param.shape[1:])
+        return (self.full[shard], *param.shape[1:])
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: Optional[object]) -> None:
         start, size = self.offsets[shard]
-        param.data.narrow(0, start, size).copy_(loaded)
+        param.data.narrow(0, start, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """A linear layer whose input columns are split over the ranks; the partial outputs are summed."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "the input size")))
+        self.weight.weight_loader = self.load
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        return (param.shape[0], param.shape[1] * self.tp.size) if param is self.weight else tuple(param.shape)
+
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Optional[object] = None) -> None:
+        local = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp.rank * local, local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallel(nn.Module):
+    """Rows of a [vocab, hidden] table split over the ranks: the embedding and the LM head."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.local = tp.split(vocab_size, "the vocabulary size")
+        self.start = tp.rank * self.local
+        self.weight = nn.Parameter(torch.empty(self.local, hidden_size))
+        self.weight.weight_loader = self.load
+
+    def checkpoint_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        return (self.local * self.tp.size, param.shape[1])
+
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Optional[object] = None) -> None:
+        param.data.copy_(loaded.narrow(0, self.start, self.local))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.start) & (ids < self.start + self.local)
+        out = F.embedding(torch.where(mine, ids - self.start, 0), self.weight) * mine.unsqueeze(-1)
+        return self.tp.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather(F.linear(hidden, self.weight))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.models.layers import FusedLinear, RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
+from worker.models.layers import (FusedLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallel,
+                                  default_weight_loader, silu_and_mul)
+from worker.parallel import TensorParallel
 
 
 @dataclass
@@ -48,16 +50,20 @@ UNSTACKED = {fused_shard: proj for proj, fused_shard in STACKED.items()}
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding):
+    """This rank's attention heads (all of them without tensor parallelism)."""
+
+    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding, tp: TensorParallel):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads = tp.split(config.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = tp.split(config.num_key_value_heads, "num_key_value_heads")
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, opts.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        shards = {"q": q_size, "k": kv_size, "v": kv_size}
+        self.qkv_proj = FusedLinear(config.hidden_size, shards, opts.qkv_bias, tp)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, opts.o_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary = rotary
@@ -76,21 +82,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, opts: ArchOptions):
+    def __init__(self, config, opts: ArchOptions, tp: TensorParallel):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, {0: size, 1: size}, opts.mlp_bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=opts.mlp_bias)
+        self.gate_up_proj = FusedLinear(config.hidden_size, {0: size, 1: size}, opts.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, opts.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding):
+    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, opts, rotary)
-        self.mlp = MLP(config, opts)
+        self.self_attn = Attention(config, layer_idx, opts, rotary, tp)
+        self.mlp = MLP(config, opts, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -100,16 +106,18 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, opts: ArchOptions, max_positions: int):
+    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, opts, rotary) for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallel(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, opts, rotary, tp) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens.embed(input_ids)
         for layer in self.layers:
             x = layer(positions, x, ctx)
         return self.norm(x)
@@ -126,14 +134,19 @@ def rope_parameters(config) -> dict:
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head, with the checkpoint-name mapping for loading."""
+    """Decoder + LM head, with the checkpoint-name mapping for loading.
 
-    def __init__(self, config, opts: ArchOptions, max_positions: int):
+    With tensor parallelism (`tp.size > 1`) each rank holds its slices; loading
+    takes full checkpoint tensors and keeps this rank's part.
+    """
+
+    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, opts, max_positions)
+        self.tp = tp
+        self.model = DecoderModel(config, opts, max_positions, tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabParallel(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -143,7 +156,8 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits over the whole vocabulary (gathered from every rank)."""
+        return self.lm_head.logits(hidden)
 
     def canonical_name(self, name: str) -> str:
         """The checkpoint name a tensor is known by (a tied lm_head is the embedding)."""
@@ -174,6 +188,8 @@ class CausalLM(nn.Module):
                 for shard in owner.offsets:
                     ckpt = name.replace(f".{fused}.", f".{UNSTACKED[(fused, shard)]}.")
                     shapes[ckpt] = owner.shard_shape(param, shard)
+            elif hasattr(owner, "checkpoint_shape"):
+                shapes[name] = owner.checkpoint_shape(param)
             else:
                 shapes[name] = tuple(param.shape)
         return shapes

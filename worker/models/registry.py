@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from worker.errors import UnsupportedArchitectureError
 from worker.models.llama import ArchOptions, CausalLM
+from worker.parallel import TensorParallel
 
 
 def _llama(config) -> ArchOptions:
@@ -27,12 +28,12 @@ ARCHITECTURES = {
 }
 
 
-def build_model(config, max_positions: int) -> CausalLM:
-    """Instantiate (uninitialised) the kernel-format model for a transformers config."""
+def build_model(config, max_positions: int, tp: TensorParallel = TensorParallel()) -> CausalLM:
+    """Instantiate (uninitialised) the kernel-format model for a transformers config (this rank's part)."""
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
-            return CausalLM(config, ARCHITECTURES[name](config), max_positions)
+            return CausalLM(config, ARCHITECTURES[name](config), max_positions, tp)
     raise UnsupportedArchitectureError(
         f"checkpoint architectures {names or 'not set'} are not supported; supported: {', '.join(ARCHITECTURES)}"
     )

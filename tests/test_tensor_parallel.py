@@ -1,0 +1,101 @@
+"""Tensor parallelism on CPU: two rank processes (gloo) give the same outputs as one process."""
+
+import multiprocessing as mp
+
+import pytest
+
+from rollout import RolloutEngine, SamplingParams
+from weight_sync import free_port
+from worker.parallel import TensorParallelInit
+
+PROMPTS = [[4, 8, 15, 16, 23, 42], [99] * 21, [7]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True, logprobs=True, n=2, seed=5)
+
+
+def run(path, tensor_parallel=None, size=1):
+    engine = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8,
+                           tensor_parallel_size=size, tensor_parallel=tensor_parallel)
+    return [[(s.token_ids, s.logprobs) for s in o.samples]
+            for params in (GREEDY, SAMPLED) for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def _rank(path, rank, port, queue):
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, run(path, TensorParallelInit(rank=rank, size=2, master_port=port, timeout_s=60), 2)))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put((rank, exc))
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "llama3", "qwen2"])
+def test_two_ranks_match_one(checkpoint_dir, variant):
+    path = checkpoint_dir(variant)
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    ranks = [ctx.Process(target=_rank, args=(path, r, port, queue)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(30)
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+    expected = run(path)
+    for rank in (0, 1):
+        for got, want in zip(results[rank], expected):
+            for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
+                assert tokens == want_tokens
+                assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+
+
+def test_tensor_parallel_size_needs_a_rank(checkpoint_dir):
+    with pytest.raises(ValueError, match="one process per rank"):
+        RolloutEngine(model=str(checkpoint_dir("qwen3")), device="cpu", tensor_parallel_size=2)
+
+
+def test_heads_must_divide(checkpoint_dir):
+    init = TensorParallelInit(rank=0, size=3, master_port=free_port(), timeout_s=5)
+    with pytest.raises(Exception, match=r"tensor_parallel_size=3 must divide num_attention_heads \(4\)"):
+        RolloutEngine(model=str(checkpoint_dir("qwen3")), device="cpu", tensor_parallel_size=3,
+                      tensor_parallel=init)
+
+
+def _rank_receiving(path, rank, port, info, queue):
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        engine = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8, tensor_parallel_size=2,
+                               tensor_parallel=TensorParallelInit(rank=rank, size=2, master_port=port, timeout_s=60))
+        engine.init_weight_transfer(info)
+        version = engine.update_weights()
+        outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+        queue.put((rank, (version, [o.samples[0].token_ids for o in outs])))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put((rank, exc))
+
+
+def test_checkpoint_update_reaches_every_rank(checkpoint_dir):
+    """The trainer (this process) broadcasts full tensors; each rank keeps its slices."""
+    from checkpoints import load_reference
+    from trainer_adapters import TransferInitInfo, WeightSender
+
+    old, new = checkpoint_dir("qwen3", 0), checkpoint_dir("qwen3", 1)
+    info = TransferInitInfo.local("gloo", world_size=3, timeout_s=60)
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    ranks = [ctx.Process(target=_rank_receiving, args=(old, r, port, info, queue)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    sender = WeightSender(info)
+    sender.send(load_reference(new), version=4, bucket_bytes=8192)
+    results = dict(queue.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(30)
+    sender.close()
+    expected = [o.samples[0].token_ids for o in
+                RolloutEngine(model=str(new), device="cpu", num_kv_blocks=64).generate(PROMPTS, GREEDY,
+                                                                                       use_tqdm=False)]
+    assert results == {0: (4, expected), 1: (4, expected)}

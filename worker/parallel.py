@@ -1,0 +1,86 @@
+"""Tensor parallelism: a worker's group of ranks and the collectives the model layers use.
+
+Every rank of a group runs the same engine loop on the same requests (SPMD), so
+each step's batch is identical everywhere and only activations travel: an
+all-reduce after row-parallel layers and the embedding, an all-gather of the
+logits (so every rank samples the same tokens). The group is our own (TCP store
+rendezvous, gloo on CPU, NCCL on CUDA) and never touches a default process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TensorParallelInit(BaseModel):
+    """Where the ranks of one tensor-parallel group meet (set by an executor, one per rank)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=0)
+    size: int = Field(ge=1)
+    master_address: str = "127.0.0.1"
+    master_port: int = Field(ge=1, le=65535, description="TCP store port, hosted by rank 0.")
+    timeout_s: float = Field(300.0, gt=0)
+
+
+def check_divides(size: int, dims: dict[str, int]) -> None:
+    """Raise ValueError unless `size` ranks split every named dimension evenly."""
+    bad = [f"{name} ({value})" for name, value in dims.items() if value % size]
+    if bad:
+        raise ValueError(f"tensor_parallel_size={size} must divide {', '.join(bad)}")
+
+
+@dataclass
+class TensorParallel:
+    """This worker's place in its tensor-parallel group (size 1: no group, every collective is a no-op)."""
+
+    rank: int = 0
+    size: int = 1
+    group: Optional[object] = None
+
+    @classmethod
+    def join(cls, init: TensorParallelInit, device: torch.device) -> "TensorParallel":
+        if init.size == 1:
+            return cls()
+        if init.rank >= init.size:
+            raise ValueError(f"tensor-parallel rank {init.rank} is outside a group of size {init.size}")
+        timeout = timedelta(seconds=init.timeout_s)
+        store = dist.TCPStore(init.master_address, init.master_port, is_master=init.rank == 0, timeout=timeout,
+                              wait_for_workers=False)
+        prefixed = dist.PrefixStore("tp/", store)
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            group = dist.ProcessGroupNCCL(prefixed, init.rank, init.size, options)
+        else:
+            group = dist.ProcessGroupGloo(prefixed, init.rank, init.size, timeout)
+        tp = cls(init.rank, init.size, group)
+        tp._store = store  # the store must outlive the group
+        return tp
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the group, in place."""
+        if self.size > 1:
+            self.group.allreduce([x]).wait()
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `x` along the last dimension, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.group.allgather([parts], [x.contiguous()]).wait()
+        return torch.cat(parts, dim=-1)
+
+    def split(self, total: int, what: str) -> int:
+        """This rank's share of `total` (which must divide evenly)."""
+        if total % self.size:
+            raise ValueError(f"tensor_parallel_size={self.size} must divide {what} ({total})")
+        return total // self.size
