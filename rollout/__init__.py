@@ -2,7 +2,7 @@
 
 from rollout.config import EngineConfig
 from rollout.engine import RolloutEngine
-from rollout.errors import InvalidRequestError
+from rollout.errors import InvalidRequestError, ReplicaError
 from rollout.outputs import RolloutOutput, Sample
 from rollout.sampling_params import SamplingParams
 from weight_sync import TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected, run_together
@@ -19,6 +19,7 @@ __all__ = [
     "EngineSleepingError",
     "InvalidRequestError",
     "MemoryReport",
+    "ReplicaError",
     "RolloutEngine",
     "RolloutOutput",
     "Sample",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from worker.config import WorkerConfig
@@ -18,6 +20,16 @@ class EngineConfig(WorkerConfig):
         8192, ge=1, description="Most tokens computed in one step; longer prompts are prefilled in chunks."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of earlier requests with the same prefix.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="'local': this process, one device. 'ray': replicas of Ray actors (see README, Ray)."
+    )
+    data_parallel_size: int = Field(1, ge=1, description="Replicas of the model (executor='ray').")
+
+    @model_validator(mode="after")
+    def _check_executor(self) -> "EngineConfig":
+        if self.executor == "local" and self.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={self.data_parallel_size} needs executor='ray'")
+        return self
 
     @model_validator(mode="after")
     def _check_block_budget(self) -> "EngineConfig":

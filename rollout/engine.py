@@ -24,6 +24,15 @@ from worker.parallel import TensorParallelInit
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
+RAY_OPTIONS = ("placement_group", "bundle_indices", "num_gpus_per_worker", "call_timeout_s")
+
+
+def _config(config: Optional[EngineConfig], fields: dict) -> EngineConfig:
+    if config is None:
+        return EngineConfig(**fields)
+    if fields:
+        raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(fields)})")
+    return config
 
 
 class RolloutEngine:
@@ -35,12 +44,21 @@ class RolloutEngine:
     and returns the same outputs.
     """
 
+    def __new__(cls, config: Optional[EngineConfig] = None, **kwargs):
+        executor = config.executor if config is not None else kwargs.get("executor", "local")
+        if cls is RolloutEngine and executor == "ray":
+            from rollout.ray_engine import RayEngine
+
+            ray_options = {k: kwargs.pop(k) for k in RAY_OPTIONS if k in kwargs}
+            return RayEngine(_config(config, kwargs), **ray_options)
+        return super().__new__(cls)
+
     def __init__(self, config: Optional[EngineConfig] = None, *,
                  tensor_parallel: Optional[TensorParallelInit] = None, **kwargs):
-        if config is None:
-            config = EngineConfig(**kwargs)
-        elif kwargs:
-            raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(kwargs)})")
+        config = _config(config, kwargs)
+        if config.tensor_parallel_size > 1 and tensor_parallel is None:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} runs one process per rank: use "
+                             f"executor='ray' (or give each rank's process its TensorParallelInit)")
         self.config = config
         self.worker = Worker(config, tensor_parallel)
         self.worker.init_device()
@@ -155,16 +173,18 @@ class RolloutEngine:
         with self._update_lock:
             return self._gate.submit(run, pause_mode)
 
-    def init_weight_transfer(self, init_info: Union[TransferInitInfo, dict]) -> None:
+    def init_weight_transfer(self, init_info: Union[TransferInitInfo, dict], worker_index: Optional[int] = None) -> None:
         """Join a weight-transfer group with a trainer (NCCL, CUDA IPC or gloo; see `TransferInitInfo`).
 
         Blocks until every rank has joined (at most `timeout_s`), so start the
         trainer's `WeightSender` at the same time (e.g. `weight_sync.run_together`).
-        Joining again leaves the previous group.
+        Joining again leaves the previous group. `worker_index` (default: the
+        tensor-parallel rank) places this engine's worker at group rank
+        `rank_offset + worker_index`.
         """
         info = TransferInitInfo.model_validate(init_info)
         with self._update_lock:
-            self.worker.init_weight_transfer(info)
+            self.worker.init_weight_transfer(info, worker_index)
 
     def update_weights(self, update_info: Union[UpdateInfo, dict, None] = None,
                        pause_mode: PauseMode = "wait") -> int:

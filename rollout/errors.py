@@ -3,3 +3,7 @@
 
 class InvalidRequestError(ValueError):
     """A prompt or sampling setting the engine cannot serve; nothing was started."""
+
+
+class ReplicaError(RuntimeError):
+    """A data-parallel replica of a Ray engine failed (an actor died or stopped answering)."""

@@ -1,0 +1,222 @@
+"""`RolloutEngine(executor="ray")`: data-parallel replicas, each a tensor-parallel group of Ray actors.
+
+Requests are validated and given seeds here, then spread over the replicas by
+load (a prompt and its n samples stay on one replica), so outputs do not depend
+on which replica served them. Every other call fans out to every rank. A dead
+actor fails the call in progress with a ReplicaError naming its replica; the
+other replicas keep serving, and `restart_replica` brings it back.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence as Seq, Union
+
+from rollout.config import EngineConfig
+from rollout.errors import ReplicaError
+from rollout.outputs import RolloutOutput
+from rollout.ray_actor import RankActor
+from rollout.sampling_params import SamplingParams
+from rollout.validation import check_requests, load_tokenizer
+
+
+class RayEngine:
+    """The same calls as RolloutEngine, served by `data_parallel_size` x `tensor_parallel_size` actors.
+
+    `placement_group` / `bundle_indices` (one bundle per rank, replica-major) place
+    the actors, e.g. on GPUs shared with a trainer; `num_gpus_per_worker` may be a
+    fraction. Without them a placement group is created (one GPU per rank when the
+    cluster has GPUs and `device` is not "cpu").
+    """
+
+    def __init__(self, config: EngineConfig, placement_group=None, bundle_indices: Optional[list[int]] = None,
+                 num_gpus_per_worker: Optional[float] = None, call_timeout_s: float = 600.0):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        self.config = config
+        self.dp, self.tp = config.data_parallel_size, config.tensor_parallel_size
+        self.call_timeout_s = call_timeout_s
+        gpus = num_gpus_per_worker
+        if gpus is None:
+            gpus = 1 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self._gpus = gpus
+        self._pg, self._bundles = self._placement(placement_group, bundle_indices)
+        self.tokenizer = load_tokenizer(Path(config.model))
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(config.model)
+        self.vocab_size = int(hf.vocab_size)
+        self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)
+        self._rng = random.Random(config.seed)
+        self._next_request = 0
+        self._lock = threading.Lock()
+        self._load = [0] * self.dp
+        self.replicas: list[list[Any]] = [[] for _ in range(self.dp)]
+        self.replica_versions = [0] * self.dp
+        self.weight_version = 0
+        self._transfer: Optional[Any] = None
+        for replica in range(self.dp):
+            self._start_replica(replica)
+
+    def _placement(self, placement_group, bundle_indices):
+        from ray.util.placement_group import placement_group as make_group
+
+        count = self.dp * self.tp
+        if placement_group is None:
+            bundle = {"CPU": 1, **({"GPU": self._gpus} if self._gpus else {})}
+            placement_group = make_group([dict(bundle) for _ in range(count)], strategy="PACK")
+            self._wait(placement_group.ready(), "the placement group to be ready")
+        indices = list(range(count)) if bundle_indices is None else list(bundle_indices)
+        if len(indices) != count:
+            raise ValueError(f"bundle_indices must name {count} bundles (data_parallel_size x "
+                             f"tensor_parallel_size), got {len(indices)}")
+        return placement_group, indices
+
+    def _start_replica(self, replica: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = ray.remote(RankActor)
+        actors = []
+        for rank in range(self.tp):
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=self._bundles[
+                replica * self.tp + rank])
+            actors.append(remote.options(num_cpus=1 if not self._gpus else 0, num_gpus=self._gpus,
+                                         max_concurrency=8, scheduling_strategy=strategy).remote(replica, rank))
+        self.replicas[replica] = actors
+        tp = None
+        if self.tp > 1:
+            host, port = self._get(replica, actors[0].address.remote())
+            tp = lambda r: dict(rank=r, size=self.tp, master_address=host, master_port=port)  # noqa: E731
+        config = self.config.model_dump()
+        versions = self._get(replica, [a.start.remote(config, tp and tp(r)) for r, a in enumerate(actors)])
+        self.replica_versions[replica] = versions[0]
+
+    def generate(self, prompts: Seq[Union[list[int], str]],
+                 sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RolloutOutput]:
+        """Like RolloutEngine.generate; prompts are spread over the replicas serving the current weights."""
+        token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
+                                               self.max_model_len)
+        with self._lock:
+            seeds = [p.seed if p.seed is not None else self._rng.getrandbits(63) for p in params]
+            first = self._next_request
+            self._next_request += len(token_prompts)
+            plan = self._assign(token_prompts, params)
+        refs = {}
+        for replica, items in plan.items():
+            args = ([token_prompts[i] for i in items], [params[i] for i in items], [seeds[i] for i in items])
+            refs[replica] = [a.generate.remote(*args) for a in self.replicas[replica]]
+        outputs: list[Optional[RolloutOutput]] = [None] * len(token_prompts)
+        try:
+            for replica, items in plan.items():
+                for i, out in zip(items, self._get(replica, refs[replica], timeout=None)[0]):
+                    outputs[i] = out.model_copy(update={"request_id": str(first + i)})
+        finally:
+            with self._lock:
+                for replica, items in plan.items():
+                    self._load[replica] -= sum(self._cost(token_prompts[i], params[i]) for i in items)
+        return outputs
+
+    @staticmethod
+    def _cost(prompt: list[int], params: SamplingParams) -> int:
+        return params.n * (len(prompt) + params.max_tokens)
+
+    def _assign(self, prompts: list[list[int]], params: list[SamplingParams]) -> dict[int, list[int]]:
+        """Prompt indices per replica, each prompt to the least loaded replica serving the current weights."""
+        serving = [r for r in range(self.dp) if self.replicas[r] and self.replica_versions[r] == self.weight_version]
+        if not serving:
+            raise ReplicaError(f"no replica serves weight version {self.weight_version}: versions "
+                               f"{self.replica_versions}; restart or update the replicas")
+        plan: dict[int, list[int]] = {}
+        order = sorted(range(len(prompts)), key=lambda i: -self._cost(prompts[i], params[i]))
+        for i in order:
+            replica = min(serving, key=lambda r: self._load[r])
+            self._load[replica] += self._cost(prompts[i], params[i])
+            plan.setdefault(replica, []).append(i)
+        return {r: sorted(items) for r, items in plan.items()}
+
+    def _get(self, replica: int, refs, timeout: Optional[float] = -1.0):
+        """ray.get with a timeout, turning a dead or failing actor into a ReplicaError naming the replica."""
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.call_timeout_s if timeout == -1.0 else timeout)
+        except ray.exceptions.RayActorError as exc:
+            self.replicas[replica] = []
+            raise ReplicaError(f"replica {replica} lost an actor ({type(exc).__name__}); the other replicas keep "
+                               f"serving; restart_replica({replica}) brings it back") from exc
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ReplicaError(f"replica {replica} did not answer within {self.call_timeout_s}s") from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+
+    def _wait(self, ref, what: str) -> None:
+        import ray
+
+        ready, _ = ray.wait([ref], timeout=self.call_timeout_s)
+        if not ready:
+            raise TimeoutError(f"gave up after {self.call_timeout_s}s waiting for {what}")
+
+    def _fan_out(self, method: str, *args, per_rank=None, **kwargs) -> list:
+        """Call an engine method on every rank of every live replica; the results of rank 0 of each."""
+        live = [r for r in range(self.dp) if self.replicas[r]]
+        refs = {r: [a.call.remote(method, *(per_rank(r, k) if per_rank else args), **kwargs)
+                    for k, a in enumerate(self.replicas[r])] for r in live}
+        return [self._get(r, refs[r], timeout=None if method == "update_weights" else -1.0)[0] for r in live]
+
+    def sleep(self, level: int = 1) -> None:
+        self._fan_out("sleep", level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        self._fan_out("wake_up", tags)
+
+    def load_weights(self, weights: Iterable, version: Optional[int] = None, pause_mode: str = "wait") -> int:
+        """Load the same checkpoint-format tensors into every rank (sent through Ray's object store)."""
+        import ray
+
+        items = ray.put(list(weights))
+        new = self.weight_version + 1 if version is None else version
+        self._fan_out("load_weights", items, new, pause_mode)
+        self._set_versions(new)
+        return new
+
+    @property
+    def num_workers(self) -> int:
+        """Ranks in a weight-transfer group, besides the trainer: data_parallel_size x tensor_parallel_size."""
+        return self.dp * self.tp
+
+    def init_weight_transfer(self, init_info) -> None:
+        """Join every rank to the trainer's group: replica r, rank k is worker r * tensor_parallel_size + k."""
+        self._fan_out("init_weight_transfer", per_rank=lambda r, k: (init_info, r * self.tp + k))
+
+    def update_weights(self, update_info=None, pause_mode: str = "wait") -> int:
+        versions = self._fan_out("update_weights", update_info, pause_mode)
+        self._set_versions(versions[0])
+        return versions[0]
+
+    def _set_versions(self, version: int) -> None:
+        for r in range(self.dp):
+            if self.replicas[r]:
+                self.replica_versions[r] = version
+        self.weight_version = version
+
+    def restart_replica(self, replica: int) -> None:
+        """Replace a replica's actors; it serves again once it has the current weights (update or load them)."""
+        import ray
+
+        for actor in self.replicas[replica]:
+            ray.kill(actor)
+        self._start_replica(replica)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actors in self.replicas:
+            for actor in actors:
+                ray.kill(actor)
+        self.replicas = [[] for _ in range(self.dp)]
