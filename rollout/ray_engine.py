@@ -175,6 +175,10 @@ class RayEngine:
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
         self._fan_out("wake_up", tags)
 
+    def memory_report(self) -> list:
+        """Rank 0's MemoryReport of each live replica."""
+        return self._fan_out("memory_report")
+
     def load_weights(self, weights: Iterable, version: Optional[int] = None, pause_mode: str = "wait") -> int:
         """Load the same checkpoint-format tensors into every rank (sent through Ray's object store)."""
         import ray

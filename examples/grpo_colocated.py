@@ -1,0 +1,91 @@
+"""GRPO with the trainer and the engine sharing the same GPU (or CPU), handing memory back and forth.
+
+    python examples/grpo_colocated.py [--steps 20] [--cpu]
+
+Each step: the engine generates; sleeps (level 2: weights and KV cache released)
+while the trainer steps; wakes its weights, receives the new ones (CUDA IPC on a
+GPU, gloo on a CPU); wakes its KV cache. Prints, per phase, the trainer's peak
+memory and the engine's mapped arenas, and the whole device's use at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grpo_common import Trainer, connect, grpo_batch, make_checkpoint, make_prompts, sync  # noqa: E402
+
+import grpo_common  # noqa: E402
+from rollout import RolloutEngine, SamplingParams  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(grpo_common)  # actors need no copy of examples/ on their path
+
+GiB = 2**30
+
+
+def memory(trainer, engine) -> str:
+    report = engine.memory_report()[0]
+    arenas = sum(a.mapped_bytes for a in report.arenas.values()) / GiB
+    return (f"trainer peak {ray.get(trainer.peak_memory_gib.remote()):5.2f} GiB, engine arenas {arenas:5.2f} GiB, "
+            f"device used {report.device_used_bytes / GiB:5.2f} GiB")
+
+
+def main(steps: int = 20, cpu: bool = False, prompts_per_step: int = 8, samples_per_prompt: int = 8,
+         seed: int = 0) -> list[float]:
+    """Run colocated GRPO for `steps`; returns the mean reward of each step."""
+    if not ray.is_initialized():
+        ray.init()
+    gpu = not cpu and ray.cluster_resources().get("GPU", 0) > 0
+    group = placement_group([{"CPU": 2, **({"GPU": 1} if gpu else {})}])
+    ray.get(group.ready(), timeout=300)
+    share = 0.5 if gpu else 0
+    checkpoint = make_checkpoint(Path(tempfile.mkdtemp(prefix="grpo-")) / "policy", seed)
+    trainer = ray.remote(Trainer).options(
+        num_gpus=share, num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0)).remote(checkpoint)
+    engine = RolloutEngine(model=checkpoint, executor="ray", placement_group=group, bundle_indices=[0],
+                           num_gpus_per_worker=share, device="cuda" if gpu else "cpu", enable_sleep_mode=True,
+                           kv_cache_memory_bytes=256 << 20, seed=seed)
+    connect(trainer, engine, "ipc" if gpu else "gloo")
+    params = SamplingParams(n=samples_per_prompt, temperature=1.0, max_tokens=16, ignore_eos=True, logprobs=True)
+    rng, rewards = random.Random(seed), []
+    try:
+        for step in range(steps):
+            prompts = make_prompts(prompts_per_step, rng)
+            start = time.perf_counter()
+            outputs = engine.generate(prompts, params, use_tqdm=False)
+            generation = time.perf_counter() - start
+            after_generate = memory(trainer, engine)
+            engine.sleep(level=2)
+            batch, mean_reward = grpo_batch(prompts, outputs)
+            training = ray.get(trainer.train.remote(batch))["seconds"]
+            ray.get(trainer.free_gpu_memory.remote())
+            after_train = memory(trainer, engine)
+            engine.wake_up(["weights"])
+            syncing = sync(trainer, engine, step + 1, "bfloat16" if gpu else None)
+            engine.wake_up(["kv_cache"])
+            after_sync = memory(trainer, engine)
+            rewards.append(mean_reward)
+            print(f"step {step:3d}  reward {mean_reward:.3f}  generate {generation:6.3f}s  train {training:6.3f}s  "
+                  f"sync {syncing:6.3f}s\n    generate: {after_generate}\n    train:    {after_train}\n"
+                  f"    sync:     {after_sync}", flush=True)
+    finally:
+        engine.shutdown()
+        ray.kill(trainer)
+    return rewards
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cpu", action="store_true", help="ignore GPUs")
+    args = parser.parse_args()
+    main(args.steps, args.cpu)
