@@ -22,6 +22,12 @@ from rollout.sampling_params import SamplingParams
 from rollout.validation import check_requests, load_tokenizer
 
 
+def ray_available() -> dict:
+    import ray
+
+    return ray.available_resources()
+
+
 class RayEngine:
     """The same calls as RolloutEngine, served by `data_parallel_size` x `tensor_parallel_size` actors.
 
@@ -66,10 +72,12 @@ class RayEngine:
         from ray.util.placement_group import placement_group as make_group
 
         count = self.dp * self.tp
+        self._own_group = placement_group is None
         if placement_group is None:
             bundle = {"CPU": 1, **({"GPU": self._gpus} if self._gpus else {})}
             placement_group = make_group([dict(bundle) for _ in range(count)], strategy="PACK")
-            self._wait(placement_group.ready(), "the placement group to be ready")
+            self._wait(placement_group.ready(), f"a placement group of {count} x {bundle} (free resources: "
+                                                f"{ray_available()})")
         indices = list(range(count)) if bundle_indices is None else list(bundle_indices)
         if len(indices) != count:
             raise ValueError(f"bundle_indices must name {count} bundles (data_parallel_size x "
@@ -218,9 +226,14 @@ class RayEngine:
         self._start_replica(replica)
 
     def shutdown(self) -> None:
+        """Stop every actor, and free the placement group if the engine created it."""
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         for actors in self.replicas:
             for actor in actors:
                 ray.kill(actor)
         self.replicas = [[] for _ in range(self.dp)]
+        if self._own_group and self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

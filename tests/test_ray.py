@@ -1,5 +1,7 @@
 """executor="ray" on a local Ray cluster (CPU): data and tensor parallelism, weight updates, a dead actor."""
 
+import time
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -44,12 +46,17 @@ def test_data_parallel_matches_one_process(checkpoint_dir):
 
 def test_tensor_parallel_actors_match_one_process(checkpoint_dir):
     path = str(checkpoint_dir("llama3"))
+    free = ray.available_resources()["CPU"]
     engine = RolloutEngine(model=path, executor="ray", tensor_parallel_size=2, **CONFIG)
     try:
         expected = RolloutEngine(model=path, **CONFIG).generate(PROMPTS, GREEDY, use_tqdm=False)
         assert tokens(engine.generate(PROMPTS, GREEDY)) == tokens(expected)
     finally:
         engine.shutdown()
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources()["CPU"] == free  # the engine's placement group was freed
 
 
 def test_weight_update_reaches_every_worker_and_dead_actor_recovers(checkpoint_dir):
