@@ -173,6 +173,22 @@ class RolloutEngine:
         with self._update_lock:
             return self._gate.submit(run, pause_mode)
 
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The serving parameters in the engine's own layout (this rank's slices), copied to the CPU."""
+        with self._lock:
+            return self.worker.kernel_weights()
+
+    def import_weights(self, tensors: dict[str, torch.Tensor], version: int, pause_mode: PauseMode = "wait") -> int:
+        """Serve another engine's `export_weights()` (same model and parallel layout) as `version`."""
+
+        def run() -> int:
+            self.worker.load_kernel_weights(tensors)
+            self._serve_version(version)
+            return version
+
+        with self._update_lock:
+            return self._gate.submit(run, pause_mode)
+
     def init_weight_transfer(self, init_info: Union[TransferInitInfo, dict], worker_index: Optional[int] = None) -> None:
         """Join a weight-transfer group with a trainer (NCCL, CUDA IPC or gloo; see `TransferInitInfo`).
 

@@ -218,12 +218,25 @@ class RayEngine:
         self.weight_version = version
 
     def restart_replica(self, replica: int) -> None:
-        """Replace a replica's actors; it serves again once it has the current weights (update or load them)."""
+        """Replace a replica's actors and give them the current weights.
+
+        The weights are copied rank by rank from a replica serving the current
+        version (through Ray's object store). Without one, the restarted replica
+        serves the checkpoint's weights only once an update or load brings it level.
+        """
         import ray
 
         for actor in self.replicas[replica]:
             ray.kill(actor)
         self._start_replica(replica)
+        donors = [r for r in range(self.dp) if r != replica and self.replicas[r]
+                  and self.replica_versions[r] == self.weight_version]
+        if self.replica_versions[replica] == self.weight_version or not donors:
+            return
+        exports = [actor.call.remote("export_weights") for actor in self.replicas[donors[0]]]
+        refs = [actor.call.remote("import_weights", exported, self.weight_version)
+                for actor, exported in zip(self.replicas[replica], exports)]
+        self.replica_versions[replica] = self._get(replica, refs)[0]
 
     def shutdown(self) -> None:
         """Stop every actor, and free the placement group if the engine created it."""

@@ -79,8 +79,9 @@ def test_weight_update_reaches_every_worker_and_dead_actor_recovers(checkpoint_d
         with pytest.raises(ReplicaError, match="replica 1 lost an actor"):
             engine.generate(PROMPTS, GREEDY)
         assert tokens(engine.generate(PROMPTS, GREEDY)) == expected  # replica 0 alone
-        engine.restart_replica(1)
-        assert engine.replica_versions == [1, 0]  # back on the checkpoint: not serving until updated
+        engine.restart_replica(1)  # restored from replica 0
+        assert engine.replica_versions == [1, 1]
+        assert tokens(engine.generate(PROMPTS, GREEDY)) == expected
         sync(version=2)
         assert engine.replica_versions == [2, 2]
         assert tokens(engine.generate(PROMPTS, GREEDY)) == expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoints import load_reference
-from rollout import WeightsInvalidError, WeightTransferError, WeightUpdateRejected
+from rollout import CheckpointError, WeightsInvalidError, WeightTransferError, WeightUpdateRejected
 from sync_helpers import GREEDY, PROMPTS, connect, engine_for, greedy, kernel_tensors, sync
 from trainer_process import TrainerError, TrainerProcess
 
@@ -147,3 +147,14 @@ def test_update_nobody_received_is_skipped_by_the_next_one(trainer, old_and_new)
         trainer.call("send", weights={"checkpoint": str(new)}, version=1)
     assert sync(trainer, engine, {"checkpoint": str(new)}, version=2) == [2, 2]
     assert greedy(engine) == expected_new
+
+
+def test_export_and_import_between_engines(old_and_new, checkpoint_dir):
+    old, new, _, expected_new = old_and_new
+    donor, engine = engine_for(new), engine_for(old)
+    assert engine.import_weights(donor.export_weights(), version=3) == 3
+    assert engine.weight_version == 3 and greedy(engine) == expected_new
+    other = engine_for(checkpoint_dir("llama3")).export_weights()
+    with pytest.raises(CheckpointError, match="load_kernel_weights"):
+        engine.import_weights(other, version=4)
+    assert engine.weight_version == 3 and greedy(engine) == expected_new

@@ -139,6 +139,26 @@ class Worker:
         self.missing_weights -= {self.model.canonical_name(name) for name in names}
         return len(items)
 
+    def kernel_weights(self) -> dict[str, torch.Tensor]:
+        """This worker's parameters (kernel format, its tensor-parallel slices), copied to the CPU."""
+        if WEIGHTS in self.pool.asleep() or self.missing_weights:
+            raise WeightsInvalidError("the weights are asleep or not whole; there is nothing to export")
+        params = dict(self.model.named_parameters())
+        return {e.name: params[e.name].detach().to("cpu", copy=True) for e in self.pool.weight_layout}
+
+    def load_kernel_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace every parameter from another worker's `kernel_weights()` (checked before any is copied)."""
+        given = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+        expected = {e.name: e.shape for e in self.pool.weight_layout}
+        check_tensors(expected, given, full=True, source="load_kernel_weights")
+        if WEIGHTS in self.pool.asleep():
+            raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].data.copy_(tensor)
+        self.missing_weights.clear()
+
     def init_weight_transfer(self, info: TransferInitInfo, worker_index: Optional[int] = None) -> None:
         """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one).
 
