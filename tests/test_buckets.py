@@ -82,3 +82,27 @@ def test_automatic_bucket_size_is_an_eighth_within_bounds():
     assert of_total(4 << 30) == 512 << 20
     assert of_total(1 << 30) == 256 << 20
     assert of_total(16 << 30) == 1 << 30
+
+
+def test_kernel_update_under_tensor_parallel_names_each_ranks_shard(checkpoint_dir):
+    from transformers import AutoConfig
+
+    from rollout import CheckpointError
+    from worker.memory import MemoryPool
+    from worker.models.registry import build_model
+    from worker.parallel import TensorParallel
+    from worker.updates import check_update, kernel_names
+
+    tp = TensorParallel(rank=1, size=2)
+    config = AutoConfig.from_pretrained(checkpoint_dir("qwen3"))
+    with torch.device("meta"):
+        model = build_model(config, 64, tp)
+    pool = MemoryPool(torch.device("cpu"), sleepable=False)
+    pool.place_parameters(model)
+    plain = [meta(e.name, "float32", *e.shape) for e in pool.weight_layout]
+    with pytest.raises(CheckpointError, match="names are rank<k>/<parameter>"):
+        check_update(model, pool, UpdateInfo(version=1, format="kernel", tensors=plain), 1, tp)
+    ranked = [meta(f"rank{k}/{m.name}", "float32", *m.shape) for k in range(2) for m in plain]
+    update = UpdateInfo(version=1, format="kernel", tensors=ranked)
+    check_update(model, pool, update, 1, tp)
+    assert kernel_names(update, tp) == {f"rank1/{e.name}": e.name for e in pool.weight_layout}

@@ -3,6 +3,7 @@
 import multiprocessing as mp
 
 import pytest
+import torch
 
 from rollout import RolloutEngine, SamplingParams
 from weight_sync import free_port
@@ -77,12 +78,37 @@ def _rank_receiving(path, rank, port, info, queue):
         queue.put((rank, exc))
 
 
-def test_checkpoint_update_reaches_every_rank(checkpoint_dir):
-    """The trainer (this process) broadcasts full tensors; each rank keeps its slices."""
+def rank_shards(engine, size):
+    """Per-rank kernel-format shards of a one-process engine's parameters, cut here by hand (the reference)."""
+    config = engine.worker.hf_config
+    head_dim = config.head_dim
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shards = {}
+    for name, tensor in engine.export_weights().items():
+        if "qkv_proj" in name:
+            parts = [p.chunk(size) for p in tensor.split([q, kv, kv])]
+        elif "gate_up_proj" in name:
+            parts = [p.chunk(size) for p in tensor.chunk(2)]
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            parts = [tensor.chunk(size, dim=1)]
+        elif "embed_tokens" in name or "lm_head" in name:
+            parts = [tensor.chunk(size)]
+        else:
+            parts = [[tensor] * size]
+        for rank in range(size):
+            shards[f"rank{rank}/{name}"] = torch.cat([p[rank] for p in parts]).contiguous()
+    return shards
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "kernel"])
+def test_update_reaches_every_rank(checkpoint_dir, fmt):
+    """The trainer (this process) broadcasts full tensors, or every rank's kernel shards; each rank keeps its own."""
     from checkpoints import load_reference
     from trainer_adapters import TransferInitInfo, WeightSender
 
     old, new = checkpoint_dir("qwen3", 0), checkpoint_dir("qwen3", 1)
+    fresh = RolloutEngine(model=str(new), device="cpu", num_kv_blocks=64)
+    weights = load_reference(new) if fmt == "checkpoint" else rank_shards(fresh, 2)
     info = TransferInitInfo.local("gloo", world_size=3, timeout_s=60)
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
@@ -90,12 +116,10 @@ def test_checkpoint_update_reaches_every_rank(checkpoint_dir):
     for p in ranks:
         p.start()
     sender = WeightSender(info)
-    sender.send(load_reference(new), version=4, bucket_bytes=8192)
+    sender.send(weights, version=4, bucket_bytes=8192, format=fmt)
     results = dict(queue.get(timeout=120) for _ in ranks)
     for p in ranks:
         p.join(30)
     sender.close()
-    expected = [o.samples[0].token_ids for o in
-                RolloutEngine(model=str(new), device="cpu", num_kv_blocks=64).generate(PROMPTS, GREEDY,
-                                                                                       use_tqdm=False)]
+    expected = [o.samples[0].token_ids for o in fresh.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert results == {0: (4, expected), 1: (4, expected)}

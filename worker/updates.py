@@ -17,13 +17,25 @@ from weight_sync.protocol import UpdateInfo, torch_dtype
 from worker.loader import check_tensors
 from worker.memory.pool import WEIGHTS, MemoryPool
 from worker.models.llama import CausalLM
+from worker.parallel import TensorParallel
 
 
-def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_version: int, tp_size: int = 1) -> None:
+def kernel_names(update: UpdateInfo, tp: TensorParallel) -> dict[str, str]:
+    """Update name -> this rank's parameter name, for a kernel-format update.
+
+    Without tensor parallelism names are the parameters'. With it, each rank's
+    shard is named "rank<k>/<parameter>": every rank receives them all (one
+    broadcast) and applies its own.
+    """
+    if tp.size == 1:
+        return {t.name: t.name for t in update.tensors}
+    mine = f"rank{tp.rank}/"
+    return {t.name: t.name[len(mine):] for t in update.tensors if t.name.startswith(mine)}
+
+
+def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_version: int,
+                 tp: TensorParallel = TensorParallel()) -> None:
     """Raise ValueError (CheckpointError for tensor problems) unless `update` can be applied."""
-    if update.format == "kernel" and tp_size > 1:
-        raise ValueError(f"kernel-format updates carry one rank's layout; with tensor_parallel_size={tp_size} "
-                         f"send checkpoint format (each rank keeps its slice)")
     if update.version < min_version:
         raise ValueError(f"update version {update.version} is not newer than the serving weight_version "
                          f"{min_version - 1}")
@@ -35,30 +47,35 @@ def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_vers
         expected = model.checkpoint_shapes()
         if model.tie_word_embeddings and "lm_head.weight" in given:
             expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
-    else:
+    elif tp.size == 1:
         expected = {entry.name: entry.shape for entry in pool.weight_layout}
+    else:
+        expected = {f"rank{k}/{e.name}": e.shape for k in range(tp.size) for e in pool.weight_layout}
+        source += f" with tensor_parallel_size={tp.size}, where names are rank<k>/<parameter>"
     check_tensors(expected, given, full=not update.partial, source=source)
 
 
-def touched_names(model: CausalLM, update: UpdateInfo) -> set[str]:
-    """Checkpoint names (canonical) of every tensor the update writes to."""
+def touched_names(model: CausalLM, update: UpdateInfo, tp: TensorParallel) -> set[str]:
+    """Checkpoint names (canonical) of every tensor the update writes to on this rank."""
     if update.format == "checkpoint":
         return {model.canonical_name(t.name) for t in update.tensors}
-    kernel = {t.name for t in update.tensors}
+    kernel = set(kernel_names(update, tp).values())
     return {name for name in model.checkpoint_shapes() if model.map_name(name)[0] in kernel}
 
 
-def make_apply(model: CausalLM, update: UpdateInfo) -> Callable[[Bucket, torch.Tensor], None]:
-    """Copy one received bucket's tensors into the live parameters (casting dtypes)."""
+def make_apply(model: CausalLM, update: UpdateInfo, tp: TensorParallel) -> Callable[[Bucket, torch.Tensor], None]:
+    """Copy one received bucket's tensors (this rank's) into the live parameters (casting dtypes)."""
     if update.format == "checkpoint":
         def apply(bucket: Bucket, data: torch.Tensor) -> None:
             model.load_weights((slot.meta.name, slot_view(data, slot)) for slot in bucket.slots)
         return apply
     params = dict(model.named_parameters())
+    names = kernel_names(update, tp)
 
     def apply_kernel(bucket: Bucket, data: torch.Tensor) -> None:
         for slot in bucket.slots:
-            params[slot.meta.name].data.copy_(slot_view(data, slot), non_blocking=True)
+            if slot.meta.name in names:
+                params[names[slot.meta.name]].data.copy_(slot_view(data, slot), non_blocking=True)
     return apply_kernel
 
 

@@ -179,18 +179,18 @@ class Worker:
             raise RuntimeError("no weight-transfer group: call init_weight_transfer(info) first")
         update = self.receiver.next_update(expected)
         try:
-            check_update(self.model, self.pool, update, min_version, self.tp.size)
+            check_update(self.model, self.pool, update, min_version, self.tp)
         except ValueError as exc:
             self.receiver.refuse(str(exc))
         return update
 
     def receive_update(self, update: UpdateInfo) -> None:
         """Accept the checked update and apply it; if it breaks, its tensors count as missing."""
-        names = touched_names(self.model, update)
+        names = touched_names(self.model, update, self.tp)
         try:
             with torch.no_grad(), self._on_device():
                 direct = direct_target(self.pool, update) if self.receiver.transport.device == self.device else None
-                self.receiver.receive(update, make_apply(self.model, update), direct)
+                self.receiver.receive(update, make_apply(self.model, update, self.tp), direct)
         except Exception as exc:
             self.missing_weights |= names
             if isinstance(exc, WeightTransferError):
