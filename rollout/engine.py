@@ -56,9 +56,6 @@ class RolloutEngine:
     def __init__(self, config: Optional[EngineConfig] = None, *,
                  tensor_parallel: Optional[TensorParallelInit] = None, **kwargs):
         config = _config(config, kwargs)
-        if config.tensor_parallel_size > 1 and tensor_parallel is None:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} runs one process per rank: use "
-                             f"executor='ray' (or give each rank's process its TensorParallelInit)")
         self.config = config
         self.worker = Worker(config, tensor_parallel)
         self.worker.init_device()

@@ -38,9 +38,9 @@ class Worker:
         size = tensor_parallel.size if tensor_parallel else 1
         if size != config.tensor_parallel_size:
             raise ValueError(
-                f"tensor_parallel_size={config.tensor_parallel_size} needs one process per rank, each given its "
-                f"TensorParallelInit(rank=..., size={config.tensor_parallel_size}, ...) (an executor does this); "
-                f"got {'none' if tensor_parallel is None else f'one of size {size}'}"
+                f"tensor_parallel_size={config.tensor_parallel_size} runs one process per rank: use executor='ray' "
+                f"(or give each rank's process its TensorParallelInit(rank=..., size={config.tensor_parallel_size}"
+                f", ...)); got {'none' if tensor_parallel is None else f'one of size {size}'}"
             )
         self.config = config
         self.tp_init = tensor_parallel
