@@ -158,3 +158,73 @@ def test_export_and_import_between_engines(old_and_new, checkpoint_dir):
     with pytest.raises(CheckpointError, match="load_kernel_weights"):
         engine.import_weights(other, version=4)
     assert engine.weight_version == 3 and greedy(engine) == expected_new
+
+
+def test_one_worker_refusing_calls_the_update_off_for_all(trainer, old_and_new):
+    from rollout import TransferInitInfo, run_together
+
+    old, new, expected_old, expected_new = old_and_new
+    awake, sleeping = engine_for(old), engine_for(old, enable_sleep_mode=True)
+    info = TransferInitInfo.local("gloo", world_size=3, timeout_s=20)
+    run_together(lambda: trainer.call("init", **info.model_dump()),
+                 lambda: awake.init_weight_transfer(info, worker_index=0),
+                 lambda: sleeping.init_weight_transfer(info, worker_index=1))
+    sleeping.sleep(level=1)
+
+    def attempt(engine):
+        def run():
+            try:
+                return engine.update_weights()
+            except WeightUpdateRejected as exc:
+                return exc
+        return run
+
+    outcome = run_together(lambda: _send_result(trainer, new, 1), attempt(awake), attempt(sleeping))
+    assert isinstance(outcome[0], TrainerError) and "wake_up" in outcome[0].message
+    assert isinstance(outcome[2], WeightUpdateRejected) and "wake_up" in str(outcome[2])
+    assert isinstance(outcome[1], WeightUpdateRejected) and "called off" in str(outcome[1])
+    assert awake.weight_version == 0 and greedy(awake) == expected_old  # nothing touched, still serving
+    sleeping.wake_up()
+    outcome = run_together(lambda: _send_result(trainer, new, 1), attempt(awake), attempt(sleeping))
+    assert outcome == [1, 1, 1] and greedy(awake) == greedy(sleeping) == expected_new
+
+
+def _send_result(trainer, checkpoint, version):
+    try:
+        return trainer.call("send", weights={"checkpoint": str(checkpoint)}, version=version)
+    except TrainerError as exc:
+        return exc
+
+
+def test_trainer_that_stops_waiting_calls_the_update_off(trainer, old_and_new):
+    """A 'wait' update held past the trainer's timeout by a long generate is called off, not half applied."""
+    import threading
+
+    from rollout import SamplingParams
+
+    old, new, expected_old, expected_new = old_and_new
+    engine = engine_for(old)
+    connect(trainer, engine, timeout_s=2.0)
+    execute, calls = engine.worker.execute, [0]
+
+    def slow(batch):
+        calls[0] += 1
+        if calls[0] == 3:
+            time.sleep(3.5)  # longer than the trainer waits for the ack
+        return execute(batch)
+
+    engine.worker.execute = slow
+    done = {}
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    thread = threading.Thread(target=lambda: done.update(outs=engine.generate(PROMPTS, params, use_tqdm=False)))
+    thread.start()
+    while calls[0] < 2:
+        time.sleep(0.001)
+    sent, received = sync(trainer, engine, {"checkpoint": str(new)}, version=1, pause_mode="wait")
+    thread.join(30)
+    engine.worker.execute = execute
+    assert isinstance(sent, TrainerError) and sent.kind == "WeightTransferError"
+    assert isinstance(received, WeightUpdateRejected) and "called off" in str(received)
+    assert engine.weight_version == 0 and greedy(engine) == expected_old
+    assert sync(trainer, engine, {"checkpoint": str(new)}, version=1) == [1, 1]
+    assert greedy(engine) == expected_new

@@ -4,11 +4,13 @@ One update, both sides counting updates in step:
 1. the sender posts the UpdateInfo under `u/<n>/info`;
 2. each receiver checks it and answers `u/<n>/ack/<rank>` (accept, or the reason
    it refused, which the sender raises too) before any byte moves;
-3. buckets flow; each receiver answers `u/<n>/done/<rank>` once it has applied them.
-A sender that gives up waiting for acks marks the update cancelled, so a late
-receiver skips it instead of waiting for bytes that never come; one that cannot
-prepare its update (e.g. integer tensors) announces the failure instead, so the
-receiver raises it too.
+3. the sender decides under `u/<n>/go`: go if every worker accepted, else called
+   off (a worker refused, or the acks did not all come in time); workers that
+   accepted wait for it, so a called-off update touches nobody's weights;
+4. buckets flow; each receiver answers `u/<n>/done/<rank>` once it has applied them.
+A receiver that finds the decision already taken when it reads an announcement
+skips it. A sender that cannot prepare its update (e.g. integer tensors)
+announces the failure instead, so the receiver raises it too.
 """
 
 from __future__ import annotations
@@ -34,15 +36,20 @@ class Sender:
 
     def send(self, update: UpdateInfo, tensors: Iterator[torch.Tensor]) -> None:
         """Announce `update`, and once every worker accepted it, send `tensors` (in its order)."""
+        if self.transport.broken:
+            raise WeightTransferError(f"this group broke earlier ({self.transport.broken}); join a new one")
         key = self._next_key()
         self.channel.post(f"{key}/info", Announcement(update=update))
         try:
             refused = self.channel.acks(f"{key}/ack", "every engine worker to accept the update")
-        except WeightTransferError:
-            self.channel.post(f"{key}/cancelled", "1")
+        except WeightTransferError as exc:
+            self.channel.post(f"{key}/go", Ack(ok=False, error=f"the trainer gave up waiting for the acks: {exc}"))
             raise
         if refused:
-            raise WeightUpdateRejected(f"the engine refused update version {update.version}: " + "; ".join(refused))
+            reason = f"the engine refused update version {update.version}: " + "; ".join(refused)
+            self.channel.post(f"{key}/go", Ack(ok=False, error=reason))
+            raise WeightUpdateRejected(reason)
+        self.channel.post(f"{key}/go", Ack(ok=True))
         send_buckets(self.transport, key, plan_buckets(update.tensors, update.bucket_bytes), tensors)
         failed = self.channel.acks(f"{key}/done", "every engine worker to apply the update")
         if failed:
@@ -78,12 +85,14 @@ class Receiver:
             announced = self.channel.get(f"{key}/info", "the trainer's next update (call send on the trainer)",
                                          Announcement)
             self._updates += 1
-            if not self.channel.store.check([f"{key}/cancelled"]):
+            if not self.channel.store.check([f"{key}/go"]):  # already decided: called off before we looked
                 break
         self._key = key
         if announced.update is None:
             raise WeightUpdateRejected(f"the trainer gave up on its update before announcing it: {announced.error}")
         update = announced.update
+        if self.transport.broken:
+            self.refuse(f"rank {self.rank}'s transport broke earlier ({self.transport.broken}); join a new group")
         if expected is not None and expected != update:
             self.refuse(f"the update_info given to the engine (version {expected.version}, {expected.format}, "
                         f"{len(expected.tensors)} tensors) differs from what the trainer sent (version "
@@ -97,8 +106,15 @@ class Receiver:
 
     def receive(self, update: UpdateInfo, apply: Apply,
                 direct: Optional[Callable[[Bucket], torch.Tensor]] = None) -> None:
-        """Accept the announced update and apply its buckets as they arrive (see `receive_buckets`)."""
+        """Accept the announced update and, once the trainer says go, apply its buckets as they arrive.
+
+        Raises WeightUpdateRejected, having touched nothing, if the trainer calls the
+        update off (another worker refused it, or the trainer stopped waiting).
+        """
         self.channel.post(f"{self._key}/ack/{self.rank}", Ack(ok=True))
+        go = self.channel.get(f"{self._key}/go", "the trainer's go-ahead", Ack)
+        if not go.ok:
+            raise WeightUpdateRejected(f"the trainer called off update version {update.version}: {go.error}")
         try:
             receive_buckets(self.transport, self._key, plan_buckets(update.tensors, update.bucket_bytes), apply,
                             direct)

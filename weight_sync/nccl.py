@@ -57,7 +57,6 @@ class NcclTransport(Transport):
             self.stream = torch.cuda.Stream(device)
         self._sent = [torch.cuda.Event(), torch.cuda.Event()]  # per buffer: its last broadcast
         self._used = [False, False]
-        self._broken = ""
 
     def _broadcast(self, data: torch.Tensor) -> None:
         self._check()
@@ -106,20 +105,23 @@ class NcclTransport(Transport):
         self._used = [False, False]
 
     def _abort(self, why: str) -> None:
-        self._broken = why
-        self.comm.abort()
+        self.abort(why)
         raise WeightTransferError(f"rank {self.channel.rank}: {why}; the NCCL group was aborted")
 
+    def abort(self, reason: str) -> None:
+        """Abort the communicator, so kernels still queued on its stream end (once)."""
+        if not self.broken:
+            self.comm.abort()
+        super().abort(reason)
+
     def _check(self) -> None:
-        if self._broken:
-            raise WeightTransferError(f"this NCCL group broke earlier ({self._broken}); join a new one")
+        if self.broken:
+            raise WeightTransferError(f"this NCCL group broke earlier ({self.broken}); join a new one")
 
     def close(self) -> None:
         """Leave the group. Aborting is local, unlike ncclCommDestroy, which can block until the peers leave too."""
         super().close()
-        if not self._broken:
-            self._broken = "closed"
-            self.comm.abort()
+        self.abort("closed")
 
     def __del__(self) -> None:
         if getattr(self, "comm", None) is not None:

@@ -28,6 +28,11 @@ class Transport:
         self.channel = channel
         self.device = device
         self._staging: list[torch.Tensor] = []
+        self.broken = ""  # why the group can no longer be used, once a transfer failed
+
+    def abort(self, reason: str) -> None:
+        """Give the group up after a failed transfer (its collectives may be half done)."""
+        self.broken = self.broken or reason
 
     def begin_update(self, key: str, buckets: list[Bucket], staging: bool) -> None:
         """Prepare for the update whose store keys start with `key`; `staging`: two bucket buffers needed."""
@@ -141,18 +146,25 @@ def open_transport(info: TransferInitInfo, rank: int, device: torch.device) -> T
 def send_buckets(transport: Transport, key: str, buckets: list[Bucket], tensors: Iterator[torch.Tensor]) -> None:
     """Pack the tensors (in update order) bucket by bucket and send them."""
     transport.begin_update(key, buckets, staging=True)
-    for k, bucket in enumerate(buckets):
-        buffer = transport.acquire(k, bucket.size)
-        for slot in bucket.slots:
-            tensor = next(tensors)
-            meta = slot.meta
-            if tuple(tensor.shape) != meta.shape or tensor.dtype != torch_dtype(meta.dtype):
-                raise ValueError(f"tensor {meta.name} changed since the update was announced: "
-                                 f"{tensor.dtype} {list(tensor.shape)} instead of {meta.dtype} {list(meta.shape)}")
-            slot_view(buffer, slot).copy_(tensor, non_blocking=True)
-        transport.send(k, buffer)
-    transport.flush()
+    try:
+        for k, bucket in enumerate(buckets):
+            buffer = transport.acquire(k, bucket.size)
+            for slot in bucket.slots:
+                _pack(buffer, slot, next(tensors))
+            transport.send(k, buffer)
+        transport.flush()
+    except BaseException as exc:
+        transport.abort(f"{type(exc).__name__}: {exc}")
+        raise
     transport.end(keep_staging=True)
+
+
+def _pack(buffer: torch.Tensor, slot, tensor: torch.Tensor) -> None:
+    meta = slot.meta
+    if tuple(tensor.shape) != meta.shape or tensor.dtype != torch_dtype(meta.dtype):
+        raise ValueError(f"tensor {meta.name} changed since the update was announced: "
+                         f"{tensor.dtype} {list(tensor.shape)} instead of {meta.dtype} {list(meta.shape)}")
+    slot_view(buffer, slot).copy_(tensor, non_blocking=True)
 
 
 def receive_buckets(transport: Transport, key: str, buckets: list[Bucket], apply: Apply,
@@ -174,5 +186,8 @@ def receive_buckets(transport: Transport, key: str, buckets: list[Bucket], apply
                 apply(bucket, data)
             transport.release(k)
         transport.flush()
+    except BaseException as exc:
+        transport.abort(f"{type(exc).__name__}: {exc}")  # before the buffers go: queued receives must stop
+        raise
     finally:
         transport.end(keep_staging=False)

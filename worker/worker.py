@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 from transformers import AutoConfig
 
-from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError
+from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected
 from worker.attention import get_attention_backend
 from worker.batch import Batch, StepOutput
 from worker.config import WorkerConfig
@@ -134,9 +134,10 @@ class Worker:
         self.check_weights(given, full=False, source="load_weights")
         if WEIGHTS in self.pool.asleep():
             raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
-        with torch.no_grad():
+        touched = {self.model.canonical_name(name) for name in names}
+        with self._marked_missing_on_failure(touched), torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in items)
-        self.missing_weights -= {self.model.canonical_name(name) for name in names}
+        self.missing_weights -= touched
         return len(items)
 
     def kernel_weights(self) -> dict[str, torch.Tensor]:
@@ -154,10 +155,19 @@ class Worker:
         if WEIGHTS in self.pool.asleep():
             raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
+        with self._marked_missing_on_failure(set(self.model.checkpoint_shapes())), torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].data.copy_(tensor)
         self.missing_weights.clear()
+
+    @contextlib.contextmanager
+    def _marked_missing_on_failure(self, names: set[str]):
+        """A copy into live weights that fails midway leaves them mixed: count `names` as missing."""
+        try:
+            yield
+        except BaseException:
+            self.missing_weights |= names
+            raise
 
     def init_weight_transfer(self, info: TransferInitInfo, worker_index: Optional[int] = None) -> None:
         """Join a weight-transfer group as rank `info.rank_offset + worker_index` (leaving any earlier one).
@@ -186,11 +196,15 @@ class Worker:
 
     def receive_update(self, update: UpdateInfo) -> None:
         """Accept the checked update and apply it; if it breaks, its tensors count as missing."""
+        if WEIGHTS in self.pool.asleep():  # slept since the update was checked
+            self.receiver.refuse("the engine's weights went to sleep before the update could land; wake them first")
         names = touched_names(self.model, update, self.tp)
         try:
             with torch.no_grad(), self._on_device():
                 direct = direct_target(self.pool, update) if self.receiver.transport.device == self.device else None
                 self.receiver.receive(update, make_apply(self.model, update, self.tp), direct)
+        except WeightUpdateRejected:
+            raise  # called off before any byte moved
         except Exception as exc:
             self.missing_weights |= names
             if isinstance(exc, WeightTransferError):
