@@ -179,6 +179,9 @@ class RolloutEngine:
         """Serve another engine's `export_weights()` (same model and parallel layout) as `version`."""
 
         def run() -> int:
+            if version <= self.weight_version:
+                raise ValueError(f"version {version} is not newer than the serving weight_version "
+                                 f"{self.weight_version}")
             self.worker.load_kernel_weights(tensors)
             self._serve_version(version)
             return version

@@ -45,14 +45,19 @@ class UpdateGate:
             raise ValueError(f"pause_mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
         job = _Job(run, mode)
         self._jobs.append(job)
-        while not job.done.is_set():
-            if self._lock.acquire(blocking=False):  # the engine is idle: run it here
-                try:
-                    self.run_pending(PAUSE_MODES)
-                finally:
-                    self._lock.release()
-            else:
-                job.done.wait(0.002)
+        try:
+            while not job.done.is_set():
+                if self._lock.acquire(blocking=False):  # the engine is idle: run it here
+                    try:
+                        self.run_pending(PAUSE_MODES)
+                    finally:
+                        self._lock.release()
+                else:
+                    job.done.wait(0.002)
+        except BaseException:
+            if job in self._jobs:  # interrupted before it started: nobody would wait for it
+                self._jobs.remove(job)
+            raise
         if job.error is not None:
             raise job.error
         return job.result

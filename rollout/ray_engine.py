@@ -9,6 +9,7 @@ other replicas keep serving, and `restart_replica` brings it back.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ from rollout.outputs import RolloutOutput
 from rollout.ray_actor import RankActor
 from rollout.sampling_params import SamplingParams
 from rollout.validation import check_requests, load_tokenizer
+from weight_sync import UpdateInfo
 
 
 def ray_available() -> dict:
@@ -61,6 +63,8 @@ class RayEngine:
         self._next_request = 0
         self._lock = threading.Lock()
         self._load = [0] * self.dp
+        # with tensor parallelism every rank must see a replica's calls in the same order: one at a time
+        self._replica_locks = [threading.Lock() for _ in range(self.dp)]
         self.replicas: list[list[Any]] = [[] for _ in range(self.dp)]
         self.replica_versions = [0] * self.dp
         self.weight_version = 0
@@ -115,15 +119,16 @@ class RayEngine:
             first = self._next_request
             self._next_request += len(token_prompts)
             plan = self._assign(token_prompts, params)
-        refs = {}
-        for replica, items in plan.items():
-            args = ([token_prompts[i] for i in items], [params[i] for i in items], [seeds[i] for i in items])
-            refs[replica] = [a.generate.remote(*args) for a in self.replicas[replica]]
         outputs: list[Optional[RolloutOutput]] = [None] * len(token_prompts)
         try:
-            for replica, items in plan.items():
-                for i, out in zip(items, self._get(replica, refs[replica], timeout=None)[0]):
-                    outputs[i] = out.model_copy(update={"request_id": str(first + i)})
+            with self._exclusive(plan):
+                refs = {}
+                for replica, items in plan.items():
+                    args = ([token_prompts[i] for i in items], [params[i] for i in items], [seeds[i] for i in items])
+                    refs[replica] = [a.generate.remote(*args) for a in self.replicas[replica]]
+                for replica, items in plan.items():
+                    for i, out in zip(items, self._get(replica, refs[replica], timeout=None)[0]):
+                        outputs[i] = out.model_copy(update={"request_id": str(first + i)})
         finally:
             with self._lock:
                 for replica, items in plan.items():
@@ -155,6 +160,8 @@ class RayEngine:
         try:
             return ray.get(refs, timeout=self.call_timeout_s if timeout == -1.0 else timeout)
         except ray.exceptions.RayActorError as exc:
+            for actor in self.replicas[replica]:  # its other ranks cannot go on alone
+                ray.kill(actor)
             self.replicas[replica] = []
             raise ReplicaError(f"replica {replica} lost an actor ({type(exc).__name__}); the other replicas keep "
                                f"serving; restart_replica({replica}) brings it back") from exc
@@ -170,12 +177,36 @@ class RayEngine:
         if not ready:
             raise TimeoutError(f"gave up after {self.call_timeout_s}s waiting for {what}")
 
-    def _fan_out(self, method: str, *args, per_rank=None, **kwargs) -> list:
-        """Call an engine method on every rank of every live replica; the results of rank 0 of each."""
+    def _exclusive(self, replicas: Iterable[int]):
+        """Hold the named replicas' locks (in order) when tensor parallelism needs their calls serialized."""
+        if self.tp == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for replica in sorted(replicas):
+            stack.enter_context(self._replica_locks[replica])
+        return stack
+
+    def _fan_out(self, method: str, *args, per_rank=None, record=None, **kwargs) -> dict[int, Any]:
+        """Call an engine method on every rank of every live replica; rank 0's result per replica.
+
+        Every replica is waited for; `record(results)` sees those that succeeded
+        before the first failure, if any, is raised.
+        """
         live = [r for r in range(self.dp) if self.replicas[r]]
-        refs = {r: [a.call.remote(method, *(per_rank(r, k) if per_rank else args), **kwargs)
-                    for k, a in enumerate(self.replicas[r])] for r in live}
-        return [self._get(r, refs[r], timeout=None if method == "update_weights" else -1.0)[0] for r in live]
+        results, errors = {}, []
+        with self._exclusive(live):
+            refs = {r: [a.call.remote(method, *(per_rank(r, k) if per_rank else args), **kwargs)
+                        for k, a in enumerate(self.replicas[r])] for r in live}
+            for r in live:
+                try:
+                    results[r] = self._get(r, refs[r], timeout=None if method == "update_weights" else -1.0)[0]
+                except Exception as exc:  # noqa: BLE001 - raised below, after the others are in
+                    errors.append(exc)
+        if record is not None:
+            record(results)
+        if errors:
+            raise errors[0]
+        return results
 
     def sleep(self, level: int = 1) -> None:
         self._fan_out("sleep", level)
@@ -185,7 +216,7 @@ class RayEngine:
 
     def memory_report(self) -> list:
         """Rank 0's MemoryReport of each live replica."""
-        return self._fan_out("memory_report")
+        return list(self._fan_out("memory_report").values())
 
     def load_weights(self, weights: Iterable, version: Optional[int] = None, pause_mode: str = "wait") -> int:
         """Load the same checkpoint-format tensors into every rank (sent through Ray's object store)."""
@@ -193,8 +224,8 @@ class RayEngine:
 
         items = ray.put(list(weights))
         new = self.weight_version + 1 if version is None else version
-        self._fan_out("load_weights", items, new, pause_mode)
-        self._set_versions(new)
+        self._check_pause_mode(pause_mode)
+        self._fan_out("load_weights", items, new, pause_mode, record=lambda done: self._set_versions(new, done))
         return new
 
     @property
@@ -207,15 +238,28 @@ class RayEngine:
         self._fan_out("init_weight_transfer", per_rank=lambda r, k: (init_info, r * self.tp + k))
 
     def update_weights(self, update_info=None, pause_mode: str = "wait") -> int:
-        versions = self._fan_out("update_weights", update_info, pause_mode)
-        self._set_versions(versions[0])
-        return versions[0]
+        """Every rank receives the trainer's next update (see RolloutEngine.update_weights).
 
-    def _set_versions(self, version: int) -> None:
-        for r in range(self.dp):
-            if self.replicas[r]:
+        A replica that lags (restarted with nobody to restore it from) counts as
+        current again only after a full update given as `update_info`.
+        """
+        self._check_pause_mode(pause_mode)
+        full = update_info is not None and not UpdateInfo.model_validate(update_info).partial
+        results = self._fan_out("update_weights", update_info, pause_mode,
+                                record=lambda done: self._set_versions(max(done.values(), default=0), done, full))
+        return max(results.values())
+
+    def _check_pause_mode(self, pause_mode: str) -> None:
+        if self.tp > 1 and pause_mode != "wait":
+            raise ValueError(f"pause_mode={pause_mode!r} needs tensor_parallel_size=1 for now: with tensor "
+                             f"parallelism a replica's updates and generate calls take turns (pause_mode='wait')")
+
+    def _set_versions(self, version: int, replicas: Iterable[int], full: bool = True) -> None:
+        """Record `version` on the replicas that applied it (lagging ones only when the update was full)."""
+        for r in replicas:
+            if full or self.replica_versions[r] == self.weight_version:
                 self.replica_versions[r] = version
-        self.weight_version = version
+        self.weight_version = max(self.weight_version, version)
 
     def restart_replica(self, replica: int) -> None:
         """Replace a replica's actors and give them the current weights.
@@ -233,10 +277,11 @@ class RayEngine:
                   and self.replica_versions[r] == self.weight_version]
         if self.replica_versions[replica] == self.weight_version or not donors:
             return
-        exports = [actor.call.remote("export_weights") for actor in self.replicas[donors[0]]]
-        refs = [actor.call.remote("import_weights", exported, self.weight_version)
-                for actor, exported in zip(self.replicas[replica], exports)]
-        self.replica_versions[replica] = self._get(replica, refs)[0]
+        with self._exclusive([replica, donors[0]]):
+            exports = [actor.call.remote("export_weights") for actor in self.replicas[donors[0]]]
+            refs = [actor.call.remote("import_weights", exported, self.weight_version)
+                    for actor, exported in zip(self.replicas[replica], exports)]
+            self.replica_versions[replica] = self._get(replica, refs)[0]
 
     def shutdown(self) -> None:
         """Stop every actor, and free the placement group if the engine created it."""

@@ -51,6 +51,8 @@ def test_tensor_parallel_actors_match_one_process(checkpoint_dir):
     try:
         expected = RolloutEngine(model=path, **CONFIG).generate(PROMPTS, GREEDY, use_tqdm=False)
         assert tokens(engine.generate(PROMPTS, GREEDY)) == tokens(expected)
+        with pytest.raises(ValueError, match="pause_mode='keep' needs tensor_parallel_size=1"):
+            engine.update_weights(pause_mode="keep")
     finally:
         engine.shutdown()
     deadline = time.monotonic() + 30

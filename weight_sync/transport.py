@@ -126,17 +126,23 @@ class GlooTransport(Transport):
 
 
 def open_transport(info: TransferInitInfo, rank: int, device: torch.device) -> Transport:
-    """Join the group as `rank` (0: the trainer) on `device` and return its transport."""
+    """Join the group as `rank` (0: the trainer) on `device` and return its transport.
+
+    What this side can check alone (device, libraries) is checked before joining,
+    so a rank that cannot take part never leaves the others inside a collective.
+    """
+    if info.backend != "gloo" and device.type != "cuda":
+        raise ValueError(f"backend {info.backend!r} moves weights between GPUs; this side is on {device}. "
+                         f"Use backend='gloo' for CPU")
+    if info.backend == "nccl":
+        from weight_sync.nccl import NcclTransport, _nccl
+
+        _nccl()
     channel = Channel(info, rank)
     channel.join()
     if info.backend == "gloo":
         return GlooTransport(channel)
-    if device.type != "cuda":
-        raise ValueError(f"backend {info.backend!r} moves weights between GPUs; this side is on {device}. "
-                         f"Use backend='gloo' for CPU")
     if info.backend == "nccl":
-        from weight_sync.nccl import NcclTransport
-
         return NcclTransport(channel, device)
     from weight_sync.ipc import IpcTransport
 
