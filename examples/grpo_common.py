@@ -59,6 +59,17 @@ def make_prompts(count: int, rng: random.Random) -> list[list[int]]:
     return [[rng.randrange(8, VOCAB) for _ in range(4)] for _ in range(count)]
 
 
+def rollout(engine, rng: random.Random, prompts: int, samples: int) -> tuple[list[list[int]], list, float]:
+    """Sample `samples` completions (with logprobs) for `prompts` fresh prompts; returns them and the seconds."""
+    from rollout import SamplingParams
+
+    params = SamplingParams(n=samples, temperature=1.0, max_tokens=16, ignore_eos=True, logprobs=True)
+    batch = make_prompts(prompts, rng)
+    start = time.perf_counter()
+    outputs = engine.generate(batch, params, use_tqdm=False)
+    return batch, outputs, time.perf_counter() - start
+
+
 def reward(tokens: list[int]) -> float:
     return sum(t == TARGET for t in tokens) / max(len(tokens), 1)
 

@@ -13,16 +13,15 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_common import Trainer, connect, grpo_batch, make_checkpoint, make_prompts, sync  # noqa: E402
+from grpo_common import Trainer, connect, grpo_batch, make_checkpoint, rollout, sync  # noqa: E402
 
 import grpo_common  # noqa: E402
-from rollout import RolloutEngine, SamplingParams  # noqa: E402
+from rollout import RolloutEngine  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(grpo_common)  # actors need no copy of examples/ on their path
 
@@ -39,14 +38,10 @@ def main(steps: int = 20, data_parallel_size: int = 1, tensor_parallel_size: int
                            tensor_parallel_size=tensor_parallel_size, device="cuda" if gpu else "cpu",
                            kv_cache_memory_bytes=256 << 20, seed=seed)
     connect(trainer, engine, "nccl" if gpu else "gloo")
-    params = SamplingParams(n=samples_per_prompt, temperature=1.0, max_tokens=16, ignore_eos=True, logprobs=True)
     rng, rewards = random.Random(seed), []
     try:
         for step in range(steps):
-            prompts = make_prompts(prompts_per_step, rng)
-            start = time.perf_counter()
-            outputs = engine.generate(prompts, params, use_tqdm=False)
-            generation = time.perf_counter() - start
+            prompts, outputs, generation = rollout(engine, rng, prompts_per_step, samples_per_prompt)
             batch, mean_reward = grpo_batch(prompts, outputs)
             training = ray.get(trainer.train.remote(batch))["seconds"]
             syncing = sync(trainer, engine, step + 1, "bfloat16" if gpu else None)
