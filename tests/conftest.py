@@ -39,3 +39,13 @@ def old_and_new(checkpoint_dir):
     expected_old, expected_new = greedy(engine_for(old)), greedy(engine_for(new))
     assert expected_old != expected_new
     return old, new, expected_old, expected_new
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster for one test module (8 logical CPUs, so several actors fit on a small machine)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -5,6 +5,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 from rollout import ReplicaError, RolloutEngine, SamplingParams, TransferInitInfo, run_together  # noqa: E402
 from checkpoints import load_reference  # noqa: E402
@@ -14,13 +15,6 @@ PROMPTS = [[4, 8, 15, 16, 23, 42], [99] * 9, [7], [3, 1, 4, 1, 5], [2, 7, 1, 8, 
 SEEDED = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, logprobs=True, n=2, seed=11)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 CONFIG = dict(device="cpu", num_kv_blocks=64, block_size=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tokens(outs):
