@@ -5,6 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import triton_interpreter  # noqa: E402,F401  (before anything imports triton)
+
 from checkpoints import save_checkpoint  # noqa: E402
 from sync_helpers import engine_for, greedy  # noqa: E402
 from trainer_process import TrainerProcess  # noqa: E402
