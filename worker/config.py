@@ -39,8 +39,17 @@ class WorkerConfig(BaseModel):
         1, ge=1, description="Ranks one model is split over (one process each, started by an executor)."
     )
     enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
-    attention_backend: Literal["auto", "reference"] = Field(
-        "auto", description="'reference': the pure-torch paged backend (CPU and GPU). 'auto' picks the best available."
+    attention_backend: Literal["auto", "reference", "triton"] = Field(
+        "auto", description="'triton': Triton paged kernels (CUDA). 'reference': pure torch (CPU and GPU, the "
+        "oracle). 'auto': 'triton' on CUDA, else 'reference'."
+    )
+
+    enforce_eager: bool = Field(
+        False, description="Run decode steps eagerly instead of replaying CUDA graphs (graphs need CUDA, the "
+        "Triton backend and tensor_parallel_size 1)."
+    )
+    cuda_graph_max_batch_size: int = Field(
+        256, ge=1, le=1024, description="Largest decode batch replayed from a CUDA graph; larger ones run eagerly."
     )
 
     @field_validator("device")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.batch import Batch, SamplingInfo, StepOutput
+from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
+from worker.cuda_graphs import DecodeGraphs
 from worker.models.llama import CausalLM, ForwardContext
-from worker.sampler import SamplingTensors, sample
+from worker.sampler import SamplerOutput, SamplingTensors, sample, torch_sample
 
 
 class ModelRunner:
@@ -20,10 +23,20 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = model.config.vocab_size
         self.device = kv_caches[0].device
+        self.graphs: Optional[DecodeGraphs] = None
+
+    def capture_graphs(self, max_batch: int, max_blocks: int) -> None:
+        """Capture CUDA graphs of decode steps up to `max_batch` sequences (CUDA with the Triton backend)."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size, max_batch, max_blocks)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepOutput:
         """Compute the batch's tokens into the cache; sample for the chunks that ask for it."""
+        chunks = batch.chunks
+        if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
+                len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
+            return self._execute_graph(chunks)
         input_ids, positions, meta, logits_rows = self._prepare(batch)
         self.backend.prepare(meta, self.block_size)
         hidden = self.model(input_ids, positions, ForwardContext(self.backend, meta, self.kv_caches))
@@ -31,10 +44,24 @@ class ModelRunner:
         if not infos:
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[logits_rows])
-        out = sample(logits, self._sampling_tensors(infos))
-        host = torch.cat([out.token_ids[:, None].double(), out.logprobs[:, None].double(),
-                          out.top_ids.double(), out.top_logprobs.double()], dim=1).cpu()
-        return _to_step_output(host, infos)
+        return _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+
+    def _execute_graph(self, chunks: list[SeqChunk]) -> StepOutput:
+        infos = [c.sampling for c in chunks]
+        bs = self.block_size
+        ints = [
+            [c.token_ids[0] for c in chunks],
+            [c.start_pos for c in chunks],
+            [c.block_table[c.start_pos // bs] * bs + c.start_pos % bs for c in chunks],
+            [c.start_pos + 1 for c in chunks],
+            [i.seed for i in infos],
+            [i.step for i in infos],
+            [int(i.logprobs_mode == "raw") for i in infos],
+        ]
+        out, logits = self.graphs.replay(ints, [i.temperature for i in infos], [c.block_table for c in chunks])
+        if not _plain(infos):
+            out = torch_sample(logits, self._sampling_tensors(infos))
+        return _to_step_output(out, infos)
 
     def _prepare(self, batch: Batch):
         tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []
@@ -83,7 +110,16 @@ class ModelRunner:
         )
 
 
-def _to_step_output(host: torch.Tensor, infos: list[SamplingInfo]) -> StepOutput:
+def _plain(infos: list[SamplingInfo]) -> bool:
+    """No row uses top-k, top-p, min-p, banned tokens or top logprobs (the in-graph fused sampler suffices)."""
+    return not any(0 < i.top_k or i.top_p < 1.0 or i.min_p > 0 or i.banned_token_ids or i.top_logprobs
+                   for i in infos)
+
+
+def _to_step_output(out: SamplerOutput, infos: list[SamplingInfo]) -> StepOutput:
+    """Copy the sampler's results to the host (the step's one synchronisation) as Python values."""
+    host = torch.cat([out.token_ids[:, None].double(), out.logprobs[:, None].double(),
+                      out.top_ids.double(), out.top_logprobs.double()], dim=1).cpu()
     k = (host.shape[1] - 2) // 2
     rows = host.tolist()
     top = [

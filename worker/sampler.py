@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker import kernels
+
 _MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B
 
@@ -48,6 +50,10 @@ class SamplingTensors:
     needs_min_p: bool
     max_top_logprobs: int
 
+    def is_plain(self) -> bool:
+        """Only temperature / greedy and seeds: no filters, bans or top logprobs."""
+        return not (self.needs_sort or self.needs_min_p or self.banned_rows.numel() or self.max_top_logprobs)
+
 
 @dataclass
 class SamplerOutput:
@@ -58,7 +64,25 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-    """Sample one token per row of `logits` [S, V]."""
+    """Sample one token per row of `logits` [S, V].
+
+    On CUDA, batches without top-k / top-p / min-p, banned tokens or top logprobs
+    run the fused Triton sampler (same tokens); everything else runs `torch_sample`.
+    """
+    if kernels.use_for(logits) and t.is_plain():
+        from worker.kernels.sampling import fused_sample
+
+        rows = logits.shape[0]
+        token_ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        fused_sample(logits, t.temperature, t.seeds, t.steps, t.use_raw, token_ids, logprobs)
+        empty = torch.empty(rows, 0, device=logits.device)
+        return SamplerOutput(token_ids, logprobs, empty.long(), empty)
+    return torch_sample(logits, t)
+
+
+def torch_sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """The sampler in torch ops: every feature, any device."""
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1)
     if t.banned_rows.numel():

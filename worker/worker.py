@@ -235,6 +235,9 @@ class Worker:
         caches = self.pool.view(KV_CACHE, 0, shape, self.dtype)
         backend = get_attention_backend(cfg.attention_backend, self.device)
         self.runner = ModelRunner(self.model, list(caches.unbind(0)), backend, cfg.block_size)
+        if self.device.type == "cuda" and backend.name == "triton" and not cfg.enforce_eager and self.tp.size == 1:
+            with self._on_device():
+                self.runner.capture_graphs(cfg.cuda_graph_max_batch_size, needed)
         return self.num_kv_blocks
 
     def _budget_bytes(self) -> int:

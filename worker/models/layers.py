@@ -9,6 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from worker import kernels
 from worker.parallel import TensorParallel
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Optional[object]], None]
@@ -28,10 +29,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_for(x) and x.dim() == 2:
+            from worker.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm of `x + residual` (summed in x's dtype, like transformers); returns (normed, the sum)."""
+        if kernels.use_for(x):
+            from worker.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        total = x + residual
+        return self.forward(total), total
 
 
 class FusedLinear(nn.Module):
@@ -124,6 +138,10 @@ class VocabParallel(nn.Module):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused [.., 2 * I] gate_up projection."""
+    if kernels.use_for(x) and x.dim() == 2:
+        from worker.kernels.fused import silu_and_mul as fused
+
+        return fused(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

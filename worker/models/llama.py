@@ -8,11 +8,12 @@ their row ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
+from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.models.layers import (FusedLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallel,
                                   default_weight_loader, silu_and_mul)
@@ -70,15 +71,27 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if kernels.use_for(qkv):
+            self._fused_norm_rope(positions, qkv)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if not kernels.use_for(qkv):
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.meta, self.scale)
         return self.o_proj(out.reshape(-1, q_size))
+
+    def _fused_norm_rope(self, positions: torch.Tensor, qkv: torch.Tensor) -> None:
+        from worker.kernels.fused import qk_norm_rope
+
+        norm = self.q_norm is not None
+        qk_norm_rope(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                     self.head_dim, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                     self.q_norm.eps if norm else 0.0)
 
 
 class MLP(nn.Module):
@@ -100,9 +113,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); their sum is the layer's output."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(positions, h, ctx)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -117,10 +137,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens.embed(input_ids)
+        x, residual = self.embed_tokens.embed(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm.add_forward(x, residual)[0]
 
 
 def rope_parameters(config) -> dict:
