@@ -65,7 +65,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _capture(self, size: int) -> _Graph:
-        self._step(size)  # compiles the Triton kernels for this shape outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(size)  # compiles the Triton kernels for this shape outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

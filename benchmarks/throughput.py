@@ -1,0 +1,148 @@
+"""Generation throughput against transformers `generate`, and decode step time against the memory roofline.
+
+    python -m benchmarks.throughput --config benchmarks/models/qwen3-0.6b.json --checkpoint /tmp/q06
+
+Default workload (issue 5): 256 prompts of 128 random tokens, 256 new tokens each
+(ignore_eos), temperature 1, bf16. Both engines run in this process on the same GPU,
+each after a short warm-up call; output tokens / wall seconds of one timed call.
+The roofline of a decode step is (weight bytes + KV bytes of every context read)
+/ the copy bandwidth measured here; the table reports the median over full-batch
+decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import git_commit, write_random_checkpoint
+from rollout import RolloutEngine, SamplingParams
+
+
+def copy_bandwidth(gib: int = 2) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * (gib << 30) / statistics.median(times[1:])
+
+
+class StepTimer:
+    """Wraps the worker's execute: wall time and context lengths of every step."""
+
+    def __init__(self, worker):
+        self.worker, self.inner, self.steps = worker, worker.execute, []
+        worker.execute = self
+
+    def __call__(self, batch):
+        start = time.perf_counter()
+        out = self.inner(batch)
+        decode = all(len(c.token_ids) == 1 for c in batch.chunks)
+        self.steps.append((time.perf_counter() - start, len(batch.chunks), decode,
+                           sum(c.start_pos + len(c.token_ids) for c in batch.chunks)))
+        return out
+
+
+def run_ours(checkpoint: str, prompts, params, max_model_len: int) -> tuple[float, StepTimer, RolloutEngine]:
+    engine = RolloutEngine(model=checkpoint, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=max_model_len,
+                           max_num_batched_tokens=16384)
+    engine.generate(prompts[:8], params.model_copy(update={"max_tokens": 16}), use_tqdm=False)
+    timer = StepTimer(engine.worker)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+    return tokens / seconds, timer, engine
+
+
+def run_transformers(checkpoint: str, prompts, new_tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor(prompts, device="cuda")
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:8], attention_mask=torch.ones_like(ids[:8]), max_new_tokens=16, min_new_tokens=16,
+                       **kwargs)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, **kwargs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    del model
+    torch.cuda.empty_cache()
+    return tokens / seconds
+
+
+def roofline(engine: RolloutEngine, timer: StepTimer, bandwidth: float) -> dict:
+    """Median full-batch decode step against (weights + KV read) / bandwidth."""
+    worker = engine.worker
+    hf = worker.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_per_token = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * worker.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in worker.model.parameters()}.values())
+    full = max(n for _, n, decode, _ in timer.steps if decode)
+    steps = [(t, ctx) for t, n, decode, ctx in timer.steps if decode and n == full]
+    measured = statistics.median(t for t, _ in steps)
+    ideal = statistics.median((weights + ctx * kv_per_token) / bandwidth for _, ctx in steps)
+    return dict(batch=full, decode_steps=len(steps), step_ms=measured * 1e3, roofline_ms=ideal * 1e3,
+                of_roofline=ideal / measured, weight_gb=weights / 1e9, bandwidth_tb_s=bandwidth / 1e12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not (Path(args.checkpoint) / "config.json").exists():
+        write_random_checkpoint(Path(args.config), Path(args.checkpoint))
+    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.prompts)]
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=0)
+    bandwidth = copy_bandwidth()
+    ours, timer, engine = run_ours(args.checkpoint, prompts, params, args.input_len + args.output_len + 16)
+    step = roofline(engine, timer, bandwidth)
+    engine.shutdown()
+    del engine
+    torch.cuda.empty_cache()
+    theirs = None if args.skip_transformers else run_transformers(args.checkpoint, prompts, args.output_len)
+    facts = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(0), commit=git_commit(),
+                 model=Path(args.config).stem, prompts=args.prompts, input_len=args.input_len,
+                 output_len=args.output_len, ours_tok_s=ours, transformers_tok_s=theirs, decode=step)
+    print(f"model={facts['model']} gpu={facts['gpu']} commit={facts['commit']} "
+          f"{args.prompts} x ({args.input_len} in, {args.output_len} out), bf16, temperature 1")
+    print(f"{'engine':<24} {'output tok/s':>13}")
+    print(f"{'rollout-engine':<24} {ours:13.0f}")
+    if theirs:
+        print(f"{'transformers generate':<24} {theirs:13.0f}")
+        print(f"speedup {ours / theirs:.1f}x")
+    print(f"decode step at batch {step['batch']} (median of {step['decode_steps']}): {step['step_ms']:.2f} ms; "
+          f"roofline {step['roofline_ms']:.2f} ms ({step['weight_gb']:.2f} GB weights + KV at "
+          f"{step['bandwidth_tb_s']:.2f} TB/s) = {100 * step['of_roofline']:.0f}% of roofline")
+    if args.json:
+        Path(args.json).write_text(json.dumps(facts, indent=2))
+
+
+if __name__ == "__main__":
+    main()
