@@ -22,15 +22,19 @@ def _varlen_kernel(
     num_seqs, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_B: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x the GROUP query heads of one KV head."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq_ids = tl.arange(0, BLOCK_B)
-    ends = tl.load(tile_starts_ptr + 1 + seq_ids, mask=seq_ids < num_seqs, other=2**30)
-    seq = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    lo = tile * 0  # binary search: seq = how many sequences' tiles end at or before `tile`
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        before = tl.load(tile_starts_ptr + 1 + mid) <= tile
+        lo = tl.where(before, mid + 1, lo)
+        hi = tl.where(before, hi, mid)
+    seq = lo
     if seq >= num_seqs:
         return
     q_start = tl.load(query_start_ptr + seq)
@@ -215,7 +219,7 @@ def paged_varlen_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=_pow2(group), BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim, 16),
-        BLOCK_SIZE=block_size, TILE=64, BLOCK_B=_pow2(num_seqs), PRECISION=_precision(q), num_warps=4,
+        BLOCK_SIZE=block_size, TILE=64, PRECISION=_precision(q), num_warps=4,
     )
     return out
 

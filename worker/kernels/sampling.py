@@ -1,11 +1,13 @@
-"""The sampler's common case in one kernel: temperature (or greedy), seeded Gumbel-max, logprobs.
+"""The sampler's common case in three small kernels: temperature (or greedy), seeded Gumbel-max, logprobs.
 
-Per row it streams the logits twice: once for the log-sum-exps of the raw and
-the temperature-scaled distributions (and the greedy argmax), once for
-argmax(log_softmax(scaled) + gumbel) with the same counter-based hash noise as
-`worker.sampler.hashed_uniform`, so it picks the tokens the torch sampler picks.
-Rows that need top-k, top-p, min-p, banned tokens or top logprobs use the torch
-sampler instead.
+The vocabulary is cut into chunks so that every row keeps many programs busy:
+1. per chunk: max and sum of exponentials of the raw and of the temperature-scaled
+   logits, and the chunk's greedy argmax;
+2. per chunk (sampled rows): the log-sum-exps from (1), then the chunk's argmax of
+   log_softmax(scaled) + gumbel noise, with the same counter-based hash as
+   `worker.sampler.hashed_uniform`, so it picks the tokens the torch sampler picks;
+3. per row: the winning chunk, and the chosen token's logprob.
+Rows that need top-k, top-p, min-p, banned tokens or top logprobs use the torch sampler.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+CHUNK = 8192  # vocabulary entries per program
+BLOCK = 2048  # entries per loop iteration
+
 
 @triton.jit
-def _mix(x):
+def _mix64(x):
     mask = tl.full((), 0xFFFFFFFF, tl.int64)
     x = ((x >> 16) ^ x) * 0x45D9F3B & mask
     x = ((x >> 16) ^ x) * 0x45D9F3B & mask
@@ -24,21 +29,29 @@ def _mix(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, raw_ptr, token_ptr, logprob_ptr, vocab,
-                   BLOCK: tl.constexpr):
+def _mix32(x):
+    """`_mix64` on uint32 values: the products wrap modulo 2**32 instead of being masked."""
+    mul = tl.full((), 0x45D9F3B, tl.uint32)
+    x = ((x >> 16) ^ x) * mul
+    x = ((x >> 16) ^ x) * mul
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _stats_kernel(logits_ptr, stride_row, temp_ptr, stats_ptr, vocab, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """stats[row, chunk, :] = (max raw, sum exp raw, max scaled, sum exp scaled, greedy best, its index)."""
     row = tl.program_id(0)
-    row_ptr = logits_ptr + row * stride_row
+    chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
-    greedy = temp == 0.0
-    divisor = tl.where(greedy, 1.0, temp)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
     offs = tl.arange(0, BLOCK)
     m_raw = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     s_raw = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    m_scaled, s_scaled, best = m_raw, s_raw, m_raw
-    best_index = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
-    for start in range(0, vocab, BLOCK):
+    m_scaled, s_scaled, best, best_index = m_raw, s_raw, m_raw, s_raw
+    end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+    for start in range(chunk * CHUNK, end, BLOCK):
         cols = start + offs
-        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
         y = x / divisor
         m_new = tl.maximum(m_raw, tl.max(x, axis=0))
         s_raw = s_raw * tl.exp(m_raw - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
@@ -47,27 +60,79 @@ def _sample_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, raw_ptr
         m_new = tl.maximum(m_scaled, tile_best)
         s_scaled = s_scaled * tl.exp(m_scaled - m_new) + tl.sum(tl.exp(y - m_new), axis=0)
         m_scaled = m_new
-        best_index = tl.where(tile_best > best, start + tl.argmax(y, axis=0), best_index)
+        best_index = tl.where(tile_best > best, (start + tl.argmax(y, axis=0)).to(tl.float32), best_index)
         best = tl.maximum(best, tile_best)
-    lse_raw = m_raw + tl.log(s_raw)
-    lse_scaled = m_scaled + tl.log(s_scaled)
-    if not greedy:
-        seed = tl.load(seed_ptr + row)
-        mask = tl.full((), 0xFFFFFFFF, tl.int64)
-        key = _mix(_mix((seed & mask) ^ _mix(seed >> 32)) ^ (tl.load(step_ptr + row) & mask))
-        best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs
-            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-            bits = _mix(key ^ _mix((cols.to(tl.int64) + 0x9E3779B9) & mask))
-            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-            v = (x / divisor - lse_scaled) + -tl.log(-tl.log(u))
-            tile_best = tl.max(v, axis=0)
-            best_index = tl.where(tile_best > best, start + tl.argmax(v, axis=0), best_index)
-            best = tl.maximum(best, tile_best)
-    x = tl.load(row_ptr + best_index).to(tl.float32)
-    logprob = tl.where(tl.load(raw_ptr + row) != 0, x - lse_raw, x / divisor - lse_scaled)
-    tl.store(token_ptr + row, best_index)
+    out = stats_ptr + (row * tl.num_programs(1) + chunk) * 8
+    tl.store(out + 0, m_raw)
+    tl.store(out + 1, s_raw)
+    tl.store(out + 2, m_scaled)
+    tl.store(out + 3, s_scaled)
+    tl.store(out + 4, best)
+    tl.store(out + 5, best_index)
+
+
+@triton.jit
+def _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+    chunks = tl.arange(0, MAX_CHUNKS)
+    ok = chunks < num_chunks
+    base = stats_ptr + (row * num_chunks + chunks) * 8
+    m_raw = tl.load(base + 0, mask=ok, other=float("-inf"))
+    s_raw = tl.load(base + 1, mask=ok, other=0.0)
+    m_scaled = tl.load(base + 2, mask=ok, other=float("-inf"))
+    s_scaled = tl.load(base + 3, mask=ok, other=0.0)
+    top_raw, top_scaled = tl.max(m_raw, axis=0), tl.max(m_scaled, axis=0)
+    lse_raw = top_raw + tl.log(tl.sum(s_raw * tl.exp(m_raw - top_raw), axis=0))
+    lse_scaled = top_scaled + tl.log(tl.sum(s_scaled * tl.exp(m_scaled - top_scaled), axis=0))
+    return lse_raw, lse_scaled
+
+
+@triton.jit
+def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_ptr, vocab,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    """stats[row, chunk, 6:8] = the chunk's best log_softmax(scaled) + gumbel and its index (sampled rows)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    temp = tl.load(temp_ptr + row)
+    if temp == 0.0:
+        return
+    _, lse_scaled = _log_sum_exps(stats_ptr, row, tl.num_programs(1), MAX_CHUNKS)
+    seed = tl.load(seed_ptr + row)
+    mask = tl.full((), 0xFFFFFFFF, tl.int64)
+    key = _mix64(_mix64((seed & mask) ^ _mix64(seed >> 32)) ^ (tl.load(step_ptr + row) & mask)).to(tl.uint32)
+    offs = tl.arange(0, BLOCK)
+    best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    best_index = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+    for start in range(chunk * CHUNK, end, BLOCK):
+        cols = start + offs
+        x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+        bits = _mix32(key ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9))
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        v = (x / temp - lse_scaled) + -tl.log(-tl.log(u))
+        tile_best = tl.max(v, axis=0)
+        best_index = tl.where(tile_best > best, (start + tl.argmax(v, axis=0)).to(tl.float32), best_index)
+        best = tl.maximum(best, tile_best)
+    out = stats_ptr + (row * tl.num_programs(1) + chunk) * 8
+    tl.store(out + 6, best)
+    tl.store(out + 7, best_index)
+
+
+@triton.jit
+def _pick_kernel(logits_ptr, stride_row, temp_ptr, raw_ptr, stats_ptr, token_ptr, logprob_ptr, num_chunks,
+                 MAX_CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    temp = tl.load(temp_ptr + row)
+    greedy = temp == 0.0
+    lse_raw, lse_scaled = _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS)
+    chunks = tl.arange(0, MAX_CHUNKS)
+    ok = chunks < num_chunks
+    column = tl.where(greedy, 4, 6)
+    values = tl.load(stats_ptr + (row * num_chunks + chunks) * 8 + column, mask=ok, other=float("-inf"))
+    winner = tl.argmax(values, axis=0)
+    token = tl.load(stats_ptr + (row * num_chunks + winner) * 8 + column + 1).to(tl.int64)
+    x = tl.load(logits_ptr + row * stride_row + token).to(tl.float32)
+    logprob = tl.where(tl.load(raw_ptr + row) != 0, x - lse_raw, x / tl.where(greedy, 1.0, temp) - lse_scaled)
+    tl.store(token_ptr + row, token)
     tl.store(logprob_ptr + row, logprob)
 
 
@@ -78,6 +143,13 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
     temperature 0 is greedy; logprobs are of the scaled distribution, or the raw one where `use_raw` is nonzero.
     """
     rows, vocab = logits.shape
-    assert logits.stride(1) == 1
-    _sample_kernel[(rows,)](logits, logits.stride(0), temperature, seeds, steps, use_raw, token_ids, logprobs,
-                            vocab, BLOCK=2048, num_warps=8)
+    assert logits.stride(1) == 1 and vocab < 2**24  # indices travel as exact float32
+    chunks = triton.cdiv(vocab, CHUNK)
+    stats = torch.empty(rows, chunks, 8, device=logits.device, dtype=torch.float32)
+    max_chunks = max(2, triton.next_power_of_2(chunks))
+    _stats_kernel[(rows, chunks)](logits, logits.stride(0), temperature, stats, vocab, CHUNK=CHUNK, BLOCK=BLOCK,
+                                  num_warps=4)
+    _gumbel_kernel[(rows, chunks)](logits, logits.stride(0), temperature, seeds, steps, stats, vocab, CHUNK=CHUNK,
+                                   BLOCK=BLOCK, MAX_CHUNKS=max_chunks, num_warps=4)
+    _pick_kernel[(rows,)](logits, logits.stride(0), temperature, use_raw, stats, token_ids, logprobs, chunks,
+                          MAX_CHUNKS=max_chunks, num_warps=1)
