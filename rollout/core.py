@@ -26,6 +26,7 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(worker.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.num_decode_steps = config.num_decode_steps
         self.weight_version = 0
         self._next_seq_id = 0
         self._next_group = 0
@@ -60,24 +61,52 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that finished in it."""
-        scheduled = self.scheduler.schedule()
+        """Run one step (or one decode round of several); returns the sequences that finished in it."""
+        num_steps = self._round_steps()
+        scheduled = self.scheduler.schedule(num_steps)
         if not scheduled:
             return []
-        output = self.worker.execute(Batch([self._chunk(s) for s in scheduled]))
-        finished, row = [], 0
-        for item in scheduled:
-            samples = item.samples
-            item.seq.num_computed += item.num_new
-            self.block_manager.commit(item.seq)
-            if not samples:
-                continue
-            self._append(item.seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
-            row += 1
-            if item.seq.finish_reason is not None:
-                self.scheduler.finish(item.seq)
-                finished.append(item.seq)
+        samples = [item.samples for item in scheduled]
+        outputs = self.worker.execute(Batch([self._chunk(s) for s in scheduled], num_steps))
+        finished = []
+        for k, output in enumerate(outputs):
+            row = 0
+            for item, sampled in zip(scheduled, samples):
+                seq = item.seq
+                if seq.finished:  # stopped earlier in this round: the rest of its round is discarded
+                    row += 1
+                    continue
+                seq.num_computed += item.num_new if k == 0 else 1
+                self.block_manager.commit(seq)
+                if not sampled:
+                    continue
+                self._append(seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
+                row += 1
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    finished.append(seq)
         return finished
+
+    def _round_steps(self) -> int:
+        """Decode steps the next round may run back to back (1 unless every running sequence decodes with
+        plain sampling, nothing waits for a free slot and every sequence's blocks for the round fit)."""
+        limit, sched = self.num_decode_steps, self.scheduler
+        if limit == 1 or not sched.running or (sched.waiting and len(sched.running) < sched.max_num_seqs):
+            return 1
+        if len(sched.running) > sched.max_num_batched_tokens:
+            return 1
+        longest = 0
+        for seq in sched.running:
+            p = seq.params
+            if seq.num_tokens - seq.num_computed != 1 or not _plain(p) or seq.num_output < p.min_tokens:
+                return 1
+            limit = min(limit, self.max_model_len - seq.num_tokens + 1)
+            longest = max(longest, p.max_tokens - seq.num_output)
+        steps = min(limit, longest)
+        if steps <= 1 or sum(self.block_manager.blocks_needed(s, steps) for s in sched.running) > \
+                self.block_manager.num_free:
+            return 1
+        return steps
 
     def abort_all(self) -> None:
         """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
@@ -144,3 +173,8 @@ class EngineCore:
         index, stop = min(found)
         seq.text, seq.stop_reason = text[:index], stop
         return True
+
+
+def _plain(p: SamplingParams) -> bool:
+    """Sampling the device's fused sampler covers: temperature or greedy, no filters or top logprobs."""
+    return p.top_k <= 0 and p.top_p >= 1.0 and p.min_p == 0 and not p.top_logprobs

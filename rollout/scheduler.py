@@ -44,19 +44,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, num_steps: int = 1) -> list[ScheduledSeq]:
+        """The next step's sequences. With num_steps > 1 (a decode round, see EngineCore) every running
+        sequence gets blocks for that many tokens and nothing is admitted."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preemptions = self.num_preemptions
         while len(scheduled) < len(self.running) and budget > 0:
             seq = self.running[len(scheduled)]
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._make_room(seq, num_new):
+            if not self._make_room(seq, num_new + num_steps - 1):
                 break
-            self.blocks.allocate(seq, num_new)
+            self.blocks.allocate(seq, num_new + num_steps - 1)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        if self.num_preemptions == preemptions:
+        if self.num_preemptions == preemptions and num_steps == 1:
             self._admit(scheduled, budget)
         return scheduled
 

@@ -52,9 +52,10 @@ def test_chunked_prefill_splits_long_prompts(path):
                            max_num_batched_tokens=16)
     steps = []
     execute = engine.worker.execute
-    engine.worker.execute = lambda batch: steps.append([len(c.token_ids) for c in batch.chunks]) or execute(batch)
+    engine.worker.execute = lambda batch: steps.extend([[len(c.token_ids) for c in batch.chunks]] * batch.num_steps) or execute(batch)
     engine.generate([PROMPTS[3]], GREEDY, use_tqdm=False)
     assert steps[:4] == [[16], [16], [16], [16]]  # 64-token prompt in four chunks, then one token a step
+    # (decode steps counted one by one, also when they run as rounds of num_decode_steps)
     assert all(s == [1] for s in steps[4:]) and len(steps) == 4 + GREEDY.max_tokens - 1
 
 
@@ -87,3 +88,31 @@ def test_max_num_seqs_bounds_the_batch(path):
     engine.worker.execute = lambda batch: widths.append(len(batch.chunks)) or execute(batch)
     outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert max(widths) == 2 and all(len(o.samples[0].token_ids) == 24 for o in outs)
+
+
+def test_decode_rounds_keep_outputs(path):
+    """Several decode steps per round give the step-by-step results: stops mid-round (a stop token, max_tokens
+    not a multiple of the round, max_model_len), seeded and greedy rows, and a second call on cached prefixes."""
+    free = [SamplingParams(temperature=0.8, max_tokens=23, ignore_eos=True, logprobs=True, seed=4)]
+    _, probe = run(path, PROMPTS[:1], free, num_decode_steps=1)
+    stop_token = probe[0].samples[0].token_ids[6]
+    params = [
+        SamplingParams(n=2, temperature=0.8, max_tokens=23, stop_token_ids=[stop_token], logprobs=True, seed=4),
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True, logprobs_mode="raw"),
+        SamplingParams(temperature=1.0, max_tokens=80, ignore_eos=True, logprobs=True, seed=9),
+    ]
+    params = [params[i] for i in (0, 1, 0, 2, 1, 0)]  # PROMPTS[3] (64 tokens) runs into max_model_len
+    _, baseline = run(path, PROMPTS, params, num_decode_steps=1)
+    engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128,
+                           num_decode_steps=4)
+    rounds = []
+    execute = engine.worker.execute
+    engine.worker.execute = lambda batch: rounds.append(batch.num_steps) or execute(batch)
+    for _ in range(2):
+        outs = engine.generate(PROMPTS, params, use_tqdm=False)
+        assert_same(outs, baseline)
+        assert [[s.finish_reason for s in o.samples] for o in outs] == \
+            [[s.finish_reason for s in o.samples] for o in baseline]
+    assert baseline[0].samples[0].finish_reason == "stop" and len(baseline[0].samples[0].token_ids) == 7
+    assert baseline[3].samples[0].finish_reason == "length" and len(baseline[3].samples[0].token_ids) == 128 - 64
+    assert max(rounds) == 4 and engine.core.block_manager.num_hit_blocks > 0

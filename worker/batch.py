@@ -37,12 +37,16 @@ class SeqChunk:
 
 @dataclass
 class Batch:
+    """The chunks of one step; with num_steps > 1 (pure decode only) the worker runs that many decode steps,
+    each feeding the tokens sampled by the one before."""
+
     chunks: list[SeqChunk]
+    num_steps: int = 1
 
 
 @dataclass
 class StepOutput:
-    """Per sampling chunk (in batch order): the new token, its logprob, its top logprobs."""
+    """Per sampling chunk (in batch order): the new token, its logprob, its top logprobs (one per step run)."""
 
     token_ids: list[int]
     logprobs: list[float]

@@ -97,20 +97,48 @@ class DecodeGraphs:
             use_raw=self.field("use_raw")[:size], banned_rows=self.field("seeds")[:0], banned_cols=self.field("seeds")[:0],
             needs_sort=False, needs_min_p=False, max_top_logprobs=0,
         )
-        return sample(logits, plain), logits
+        out = sample(logits, plain)
+        self._advance(size, out.token_ids)
+        return out, logits
+
+    def _advance(self, size: int, token_ids: torch.Tensor) -> None:
+        """Turn the inputs into the next decode step's: the sampled tokens at the next positions."""
+        active = (self.field("seq_lens")[:size] > 0).long()
+        positions = self.field("positions")[:size]
+        self.field("input_ids")[:size].copy_(token_ids)
+        positions.add_(active)
+        self.field("seq_lens")[:size].add_(active)
+        self.field("steps")[:size].add_(1)
+        block = self.block_tables[:size].gather(1, (positions // self.block_size)[:, None])[:, 0]
+        slot = block * self.block_size + positions % self.block_size
+        self.field("slot_mapping")[:size].copy_(torch.where(active.bool(), slot, -1))
 
     def size_for(self, num_seqs: int) -> int:
         """The smallest captured size that fits `num_seqs` (which must be <= max_batch)."""
         return next(size for size in sorted(self.graphs) if size >= num_seqs)
 
-    def replay(self, ints: list[list[int]], temperature: list[float],
-               tables: list[list[int]]) -> tuple[SamplerOutput, torch.Tensor]:
-        """Run one decode step for len(temperature) sequences; returns the sampler output and the logits.
+    def replay(self, ints: list[list[int]], temperature: list[float], tables: list[list[int]],
+               num_steps: int = 1) -> tuple[SamplerOutput, torch.Tensor]:
+        """Run `num_steps` decode steps for len(temperature) sequences, each step feeding the next.
 
-        `ints` holds one list per name in INT_FIELDS; `tables` the block table of each sequence.
+        `ints` holds one list per name in INT_FIELDS; `tables` the block table of each sequence (with blocks
+        for every step). Returns the sampler outputs stacked [num_steps, B] and the last step's logits.
         """
         num = len(temperature)
         size = self.size_for(num)
+        self._load(ints, temperature, tables, size)
+        entry = self.graphs[size]
+        tokens, logprobs = [], []
+        for _ in range(num_steps):
+            entry.graph.replay()
+            tokens.append(entry.out.token_ids[:num].clone())
+            logprobs.append(entry.out.logprobs[:num].clone())
+        empty = entry.out.top_ids[:num, None].expand(num, num_steps, 0)
+        out = SamplerOutput(torch.stack(tokens), torch.stack(logprobs), empty, empty.float())
+        return out, entry.logits[:num]
+
+    def _load(self, ints: list[list[int]], temperature: list[float], tables: list[list[int]], size: int) -> None:
+        num = len(temperature)
         width = max(len(t) for t in tables)
         self.host_ints[:, :num] = torch.tensor(ints, dtype=torch.int64)
         self.host_ints[:, num:size] = 0
@@ -120,8 +148,3 @@ class DecodeGraphs:
         self.ints[:, :size].copy_(self.host_ints[:, :size], non_blocking=True)
         self.floats[:size].copy_(self.host_floats[:size], non_blocking=True)
         self.block_tables[:num, :width].copy_(self.host_tables[:num, :width], non_blocking=True)
-        entry = self.graphs[size]
-        entry.graph.replay()
-        out = entry.out
-        return SamplerOutput(out.token_ids[:num], out.logprobs[:num], out.top_ids[:num],
-                             out.top_logprobs[:num]), entry.logits[:num]

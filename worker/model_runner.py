@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -31,23 +32,32 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> StepOutput:
-        """Compute the batch's tokens into the cache; sample for the chunks that ask for it."""
+    def execute(self, batch: Batch) -> list[StepOutput]:
+        """Compute the batch's tokens into the cache and sample for the chunks that ask for it, for each of
+        the batch's steps (decode rounds run several, each step's tokens feeding the next)."""
         chunks = batch.chunks
         if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
                 len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
-            return self._execute_graph(chunks)
-        input_ids, positions, meta, logits_rows = self._prepare(batch)
+            infos = [c.sampling for c in chunks]
+            if batch.num_steps == 1 or _plain(infos):
+                return self._execute_graph(chunks, infos, batch.num_steps)
+        outputs = [self._execute_eager(chunks)]
+        for _ in range(batch.num_steps - 1):
+            chunks = [_advance(c, token) for c, token in zip(chunks, outputs[-1].token_ids)]
+            outputs.append(self._execute_eager(chunks))
+        return outputs
+
+    def _execute_eager(self, chunks: list[SeqChunk]) -> StepOutput:
+        input_ids, positions, meta, logits_rows = self._prepare(chunks)
         self.backend.prepare(meta, self.block_size)
         hidden = self.model(input_ids, positions, ForwardContext(self.backend, meta, self.kv_caches))
-        infos = [c.sampling for c in batch.chunks if c.sampling is not None]
+        infos = [c.sampling for c in chunks if c.sampling is not None]
         if not infos:
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[logits_rows])
-        return _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        return _to_step_outputs(sample(logits, self._sampling_tensors(infos)), infos)[0]
 
-    def _execute_graph(self, chunks: list[SeqChunk]) -> StepOutput:
-        infos = [c.sampling for c in chunks]
+    def _execute_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> list[StepOutput]:
         bs = self.block_size
         ints = [
             [c.token_ids[0] for c in chunks],
@@ -58,15 +68,18 @@ class ModelRunner:
             [i.step for i in infos],
             [int(i.logprobs_mode == "raw") for i in infos],
         ]
-        out, logits = self.graphs.replay(ints, [i.temperature for i in infos], [c.block_table for c in chunks])
+        out, logits = self.graphs.replay(ints, [i.temperature for i in infos], [c.block_table for c in chunks],
+                                         num_steps)
         if not _plain(infos):
-            out = torch_sample(logits, self._sampling_tensors(infos))
-        return _to_step_output(out, infos)
+            single = torch_sample(logits, self._sampling_tensors(infos))
+            out = SamplerOutput(single.token_ids[None], single.logprobs[None], single.top_ids[:, None],
+                                single.top_logprobs[:, None])
+        return _to_step_outputs(out, infos)
 
-    def _prepare(self, batch: Batch):
+    def _prepare(self, chunks: list[SeqChunk]):
         tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []
         bs = self.block_size
-        for chunk in batch.chunks:
+        for chunk in chunks:
             n = len(chunk.token_ids)
             pos = range(chunk.start_pos, chunk.start_pos + n)
             tokens.extend(chunk.token_ids)
@@ -76,8 +89,8 @@ class ModelRunner:
             seq_lens.append(chunk.start_pos + n)
             if chunk.sampling is not None:
                 rows.append(starts[-1] - 1)
-        width = max(len(c.block_table) for c in batch.chunks)
-        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in batch.chunks]
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         meta = AttentionMetadata(
             query_start_loc=self._tensor(starts),
             seq_lens=self._tensor(seq_lens),
@@ -116,14 +129,28 @@ def _plain(infos: list[SamplingInfo]) -> bool:
                    for i in infos)
 
 
-def _to_step_output(out: SamplerOutput, infos: list[SamplingInfo]) -> StepOutput:
-    """Copy the sampler's results to the host (the step's one synchronisation) as Python values."""
-    host = torch.cat([out.token_ids[:, None].double(), out.logprobs[:, None].double(),
-                      out.top_ids.double(), out.top_logprobs.double()], dim=1).cpu()
-    k = (host.shape[1] - 2) // 2
-    rows = host.tolist()
-    top = [
-        [(int(row[2 + j]), row[2 + k + j]) for j in range(info.top_logprobs)]
-        for row, info in zip(rows, infos)
-    ]
-    return StepOutput([int(r[0]) for r in rows], [r[1] for r in rows], top)
+def _advance(chunk: SeqChunk, token: int) -> SeqChunk:
+    """The chunk of the next decode step: the token just sampled, one position on."""
+    return SeqChunk([token], chunk.start_pos + len(chunk.token_ids), chunk.block_table,
+                    replace(chunk.sampling, step=chunk.sampling.step + 1))
+
+
+def _to_step_outputs(out: SamplerOutput, infos: list[SamplingInfo]) -> list[StepOutput]:
+    """Copy the sampler's results to the host (the step's one synchronisation) as Python values.
+
+    `out` holds one step ([S] tokens) or several stacked ([K, S] tokens, [S, K, k] top logprobs).
+    """
+    tokens = out.token_ids if out.token_ids.dim() == 2 else out.token_ids[None]
+    logprobs = out.logprobs if out.logprobs.dim() == 2 else out.logprobs[None]
+    top_ids = out.top_ids if out.top_ids.dim() == 3 else out.top_ids[:, None]
+    top_lps = out.top_logprobs if out.top_logprobs.dim() == 3 else out.top_logprobs[:, None]
+    steps, rows = tokens.shape
+    k = top_ids.shape[2]
+    host = torch.cat([tokens.T.double(), logprobs.T.double(), top_ids.reshape(rows, -1).double(),
+                      top_lps.reshape(rows, -1).double()], dim=1).cpu().tolist()
+    outputs = []
+    for step in range(steps):
+        top = [[(int(row[2 * steps + (step * k + j)]), row[2 * steps + steps * k + step * k + j])
+                for j in range(info.top_logprobs)] for row, info in zip(host, infos)]
+        outputs.append(StepOutput([int(r[step]) for r in host], [r[steps + step] for r in host], top))
+    return outputs

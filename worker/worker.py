@@ -254,7 +254,8 @@ class Worker:
             )
         return budget
 
-    def execute(self, batch: Batch) -> StepOutput:
+    def execute(self, batch: Batch) -> list[StepOutput]:
+        """Run the batch's step(s); one StepOutput per step."""
         with self._on_device():
             return self.runner.execute(batch)
 
