@@ -52,14 +52,15 @@ class StepTimer:
         out = self.inner(batch)
         decode = all(len(c.token_ids) == 1 for c in batch.chunks)
         self.steps.append((time.perf_counter() - start, len(batch.chunks), decode,
-                           sum(c.start_pos + len(c.token_ids) for c in batch.chunks)))
+                           sum(c.start_pos + len(c.token_ids) for c in batch.chunks), batch.num_steps))
         return out
 
 
 def run_ours(checkpoint: str, prompts, params, max_model_len: int) -> tuple[float, StepTimer, RolloutEngine]:
     engine = RolloutEngine(model=checkpoint, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=max_model_len,
                            max_num_batched_tokens=16384)
-    engine.generate(prompts[:8], params.model_copy(update={"max_tokens": 16}), use_tqdm=False)
+    warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    engine.generate(prompts[:8], warm, use_tqdm=False)
     timer = StepTimer(engine.worker)
     start = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=False)
@@ -96,12 +97,27 @@ def roofline(engine: RolloutEngine, timer: StepTimer, bandwidth: float) -> dict:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     kv_per_token = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * worker.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in worker.model.parameters()}.values())
-    full = max(n for _, n, decode, _ in timer.steps if decode)
-    steps = [(t, ctx) for t, n, decode, ctx in timer.steps if decode and n == full]
-    measured = statistics.median(t for t, _ in steps)
-    ideal = statistics.median((weights + ctx * kv_per_token) / bandwidth for _, ctx in steps)
-    return dict(batch=full, decode_steps=len(steps), step_ms=measured * 1e3, roofline_ms=ideal * 1e3,
-                of_roofline=ideal / measured, weight_gb=weights / 1e9, bandwidth_tb_s=bandwidth / 1e12)
+    full = max(n for _, n, decode, _, _ in timer.steps if decode)
+    rounds = [(t, n, ctx, k) for t, n, decode, ctx, k in timer.steps if decode and n == full]
+    measured = statistics.median(t / k for t, _, _, k in rounds)  # a round of k steps counts as k steps
+    ideal = statistics.median(
+        sum(weights + (ctx + j * n) * kv_per_token for j in range(k)) / k / bandwidth for _, n, ctx, k in rounds)
+    return dict(batch=full, decode_rounds=len(rounds), steps_per_round=statistics.median(k for *_, k in rounds),
+                step_ms=measured * 1e3, roofline_ms=ideal * 1e3, of_roofline=ideal / measured,
+                weight_gb=weights / 1e9, bandwidth_tb_s=bandwidth / 1e12)
+
+
+def workload(args, vocab: int):
+    """Prompts, sampling params (one or one per prompt) and max_model_len of the chosen workload."""
+    rng = random.Random(0)
+    if args.workload == "nanovllm":  # nano-vllm's bench.py: lengths uniform in 100..1024, temperature 0.6
+        prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(args.prompts)]
+        params = [SamplingParams(temperature=0.6, max_tokens=rng.randint(100, 1024), ignore_eos=True, seed=0)
+                  for _ in range(args.prompts)]
+        return prompts, params, 4096
+    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.prompts)]
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=0)
+    return prompts, params, args.input_len + args.output_len + 16
 
 
 def main() -> None:
@@ -111,33 +127,37 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--workload", choices=["fixed", "nanovllm"], default="fixed",
+                        help="fixed: --prompts x (--input-len in, --output-len out); nanovllm: nano-vllm's bench")
     parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not (Path(args.checkpoint) / "config.json").exists():
         write_random_checkpoint(Path(args.config), Path(args.checkpoint))
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.prompts)]
-    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=0)
+    prompts, params, max_len = workload(args, vocab)
     bandwidth = copy_bandwidth()
-    ours, timer, engine = run_ours(args.checkpoint, prompts, params, args.input_len + args.output_len + 16)
+    ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len)
     step = roofline(engine, timer, bandwidth)
     engine.shutdown()
     del engine
     torch.cuda.empty_cache()
-    theirs = None if args.skip_transformers else run_transformers(args.checkpoint, prompts, args.output_len)
+    skip = args.skip_transformers or args.workload != "fixed"
+    theirs = None if skip else run_transformers(args.checkpoint, prompts, args.output_len)
     facts = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(0), commit=git_commit(),
-                 model=Path(args.config).stem, prompts=args.prompts, input_len=args.input_len,
+                 model=Path(args.config).stem, workload=args.workload, prompts=args.prompts, input_len=args.input_len,
                  output_len=args.output_len, ours_tok_s=ours, transformers_tok_s=theirs, decode=step)
-    print(f"model={facts['model']} gpu={facts['gpu']} commit={facts['commit']} "
-          f"{args.prompts} x ({args.input_len} in, {args.output_len} out), bf16, temperature 1")
+    shape = ("nano-vllm workload (in, out uniform 100..1024, temperature 0.6)" if args.workload == "nanovllm"
+             else f"{args.input_len} in, {args.output_len} out, temperature 1")
+    print(f"model={facts['model']} gpu={facts['gpu']} commit={facts['commit']} {args.prompts} prompts, {shape}, "
+          f"bf16")
     print(f"{'engine':<24} {'output tok/s':>13}")
     print(f"{'rollout-engine':<24} {ours:13.0f}")
     if theirs:
         print(f"{'transformers generate':<24} {theirs:13.0f}")
         print(f"speedup {ours / theirs:.1f}x")
-    print(f"decode step at batch {step['batch']} (median of {step['decode_steps']}): {step['step_ms']:.2f} ms; "
+    print(f"decode step at batch {step['batch']} (median over {step['decode_rounds']} rounds of "
+          f"{step['steps_per_round']:g} steps): {step['step_ms']:.2f} ms; "
           f"roofline {step['roofline_ms']:.2f} ms ({step['weight_gb']:.2f} GB weights + KV at "
           f"{step['bandwidth_tb_s']:.2f} TB/s) = {100 * step['of_roofline']:.0f}% of roofline")
     if args.json:
