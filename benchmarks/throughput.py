@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import git_commit, write_random_checkpoint
-from rollout import RolloutEngine, SamplingParams
+from rollout import EngineConfig, RolloutEngine, SamplingParams
 
 
 def copy_bandwidth(gib: int = 2) -> float:
@@ -56,9 +56,10 @@ class StepTimer:
         return out
 
 
-def run_ours(checkpoint: str, prompts, params, max_model_len: int) -> tuple[float, StepTimer, RolloutEngine]:
+def run_ours(checkpoint: str, prompts, params, max_model_len: int,
+             decode_steps: int) -> tuple[float, StepTimer, RolloutEngine]:
     engine = RolloutEngine(model=checkpoint, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=max_model_len,
-                           max_num_batched_tokens=16384)
+                           max_num_batched_tokens=16384, num_decode_steps=decode_steps)
     warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     engine.generate(prompts[:8], warm, use_tqdm=False)
     timer = StepTimer(engine.worker)
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--workload", choices=["fixed", "nanovllm"], default="fixed",
                         help="fixed: --prompts x (--input-len in, --output-len out); nanovllm: nano-vllm's bench")
+    parser.add_argument("--decode-steps", type=int, default=EngineConfig.model_fields["num_decode_steps"].default,
+                        help="num_decode_steps of our engine")
     parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -137,7 +140,7 @@ def main() -> None:
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     prompts, params, max_len = workload(args, vocab)
     bandwidth = copy_bandwidth()
-    ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len)
+    ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len, args.decode_steps)
     step = roofline(engine, timer, bandwidth)
     engine.shutdown()
     del engine
@@ -146,13 +149,13 @@ def main() -> None:
     theirs = None if skip else run_transformers(args.checkpoint, prompts, args.output_len)
     facts = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(0), commit=git_commit(),
                  model=Path(args.config).stem, workload=args.workload, prompts=args.prompts, input_len=args.input_len,
-                 output_len=args.output_len, ours_tok_s=ours, transformers_tok_s=theirs, decode=step)
+                 output_len=args.output_len, decode_steps=args.decode_steps, ours_tok_s=ours, transformers_tok_s=theirs, decode=step)
     shape = ("nano-vllm workload (in, out uniform 100..1024, temperature 0.6)" if args.workload == "nanovllm"
              else f"{args.input_len} in, {args.output_len} out, temperature 1")
     print(f"model={facts['model']} gpu={facts['gpu']} commit={facts['commit']} {args.prompts} prompts, {shape}, "
           f"bf16")
     print(f"{'engine':<24} {'output tok/s':>13}")
-    print(f"{'rollout-engine':<24} {ours:13.0f}")
+    print(f"{'rollout-engine':<24} {ours:13.0f}   (num_decode_steps={args.decode_steps})")
     if theirs:
         print(f"{'transformers generate':<24} {theirs:13.0f}")
         print(f"speedup {ours / theirs:.1f}x")

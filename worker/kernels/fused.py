@@ -68,29 +68,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, stride_t, stride_pos, eps,
-                         NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """One (token, head) of q or k: optional RMSNorm over the head, then neox rotary, in place."""
+                         NUM_Q_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                         HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One token: every q and k head gets its optional RMSNorm, then neox rotary, in place."""
     token = tl.program_id(0)
-    head = tl.program_id(1)
-    base = qkv_ptr + token * stride_t + head * (2 * HALF)
+    heads = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, HALF)
+    mask = (heads < NUM_HEADS)[:, None]
+    base = qkv_ptr + token * stride_t + heads[:, None] * (2 * HALF) + offs[None, :]
     dtype = qkv_ptr.dtype.element_ty
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-        is_q = head < NUM_Q_HEADS
-        w1 = tl.where(is_q, tl.load(qw_ptr + offs), tl.load(kw_ptr + offs)).to(tl.float32)
-        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + offs), tl.load(kw_ptr + HALF + offs)).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+        is_q = (heads < NUM_Q_HEADS)[:, None]
+        w1 = tl.where(is_q, tl.load(qw_ptr + offs)[None, :], tl.load(kw_ptr + offs)[None, :]).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + offs)[None, :], tl.load(kw_ptr + HALF + offs)[None, :])
         x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2.to(tl.float32) * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     pos = tl.load(pos_ptr + token * stride_pos)
-    cos = tl.load(cos_ptr + pos * (2 * HALF) + offs).to(dtype).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * (2 * HALF) + offs).to(dtype).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * (2 * HALF) + offs).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * (2 * HALF) + offs).to(dtype).to(tl.float32)[None, :]
     out1 = (x1 * cos).to(dtype).to(tl.float32) + (-x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(base + offs, out1.to(dtype))
-    tl.store(base + HALF + offs, out2.to(dtype))
+    tl.store(base, out1.to(dtype), mask=mask)
+    tl.store(base + HALF, out2.to(dtype), mask=mask)
 
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -104,7 +106,9 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     has_norm = q_weight is not None
     qw = q_weight if has_norm else cos
     kw = k_weight if has_norm else cos
-    _qk_norm_rope_kernel[(qkv.shape[0], num_heads + num_kv_heads)](
+    heads = num_heads + num_kv_heads
+    _qk_norm_rope_kernel[(qkv.shape[0],)](
         qkv, positions, cos, sin, qw, kw, qkv.stride(0), positions.stride(0), eps,
-        NUM_Q_HEADS=num_heads, HALF=head_dim // 2, HAS_NORM=has_norm, num_warps=1,
+        NUM_Q_HEADS=num_heads, NUM_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), HALF=head_dim // 2,
+        HAS_NORM=has_norm, num_warps=4,
     )
