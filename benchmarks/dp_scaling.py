@@ -1,9 +1,11 @@
 """Data-parallel scaling: output tokens/s of executor="ray" with 1 and 2 replicas (one GPU each), one run.
 
-    python -m benchmarks.dp_scaling --config benchmarks/models/qwen3-0.6b.json --checkpoint /tmp/q06 --prompts 256
+    python -m benchmarks.dp_scaling --config benchmarks/models/qwen3-0.6b.json --checkpoint /tmp/q06 --prompts 512
 
 The throughput workload: random prompts of 128 tokens, 256 new tokens each
-(ignore_eos), temperature 1, bf16; a small warm-up call first, then one timed call.
+(ignore_eos), temperature 1, bf16, max_num_seqs 256 per replica; the same prompts
+for both sizes (512: one replica runs them in two waves of 256, two replicas in one
+wave each); a small warm-up call first, then one timed call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rollout import RolloutEngine, SamplingParams
 
 def measure(checkpoint: str, replicas: int, prompts: list[list[int]], params: SamplingParams) -> float:
     engine = RolloutEngine(model=checkpoint, executor="ray", data_parallel_size=replicas, dtype="bfloat16",
-                           gpu_memory_utilization=0.8)
+                           gpu_memory_utilization=0.8, max_model_len=1024, max_num_seqs=256)
     try:
         engine.generate(prompts[: 4 * replicas], params.model_copy(update={"max_tokens": 8}), use_tqdm=False)
         start = time.perf_counter()
