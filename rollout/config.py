@@ -21,7 +21,7 @@ class EngineConfig(WorkerConfig):
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of earlier requests with the same prefix.")
     num_decode_steps: int = Field(
-        4, ge=1, le=64, description="Decode steps run back to back on the device per scheduling round when every "
+        8, ge=1, le=64, description="Decode steps run back to back on the device per scheduling round when every "
         "running sample decodes with plain sampling (temperature / greedy, no filters, bans or top logprobs); "
         "the host reads the tokens once per round. A sample that stops mid-round wastes the rest of the round. "
         "1 schedules every step."

@@ -9,7 +9,7 @@ from rollout.config import EngineConfig
 from rollout.sampling_params import SamplingParams
 from rollout.scheduler import ScheduledSeq, Scheduler
 from rollout.sequence import Sequence, Status
-from worker.batch import Batch, SamplingInfo, SeqChunk
+from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
 from worker.worker import Worker
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -68,24 +68,67 @@ class EngineCore:
             return []
         samples = [item.samples for item in scheduled]
         outputs = self.worker.execute(Batch([self._chunk(s) for s in scheduled], num_steps))
-        finished = []
-        for k, output in enumerate(outputs):
-            row = 0
-            for item, sampled in zip(scheduled, samples):
-                seq = item.seq
-                if seq.finished:  # stopped earlier in this round: the rest of its round is discarded
-                    row += 1
-                    continue
-                seq.num_computed += item.num_new if k == 0 else 1
-                self.block_manager.commit(seq)
-                if not sampled:
-                    continue
-                self._append(seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
-                row += 1
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    finished.append(seq)
+        if num_steps > 1:
+            return self._finish_round(scheduled, outputs)
+        output, finished, row = outputs[0], [], 0
+        for item, sampled in zip(scheduled, samples):
+            seq = item.seq
+            seq.num_computed += item.num_new
+            self.block_manager.commit(seq)
+            if not sampled:
+                continue
+            self._append(seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
+            row += 1
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                finished.append(seq)
         return finished
+
+    def _finish_round(self, scheduled: list[ScheduledSeq], outputs: list[StepOutput]) -> list[Sequence]:
+        """Take each sequence's tokens of a decode round up to its first stop; the rest are discarded."""
+        tokens = list(zip(*(o.token_ids for o in outputs)))
+        logprobs = list(zip(*(o.logprobs for o in outputs)))
+        finished = []
+        for item, row_tokens, row_logprobs in zip(scheduled, tokens, logprobs):
+            seq = item.seq
+            seq.num_computed += self._append_round(seq, row_tokens, row_logprobs)
+            self.block_manager.commit(seq)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _append_round(self, seq: Sequence, tokens: tuple[int, ...], logprobs: tuple[float, ...]) -> int:
+        """Append a round's tokens up to the first that stops the sequence; returns how many were taken.
+
+        Same rules as `_append` token by token (stop tokens before length); rounds only run past min_tokens
+        and without top logprobs, and stop strings take the token-by-token path.
+        """
+        p = seq.params
+        if p.stop:
+            for taken, (token, logprob) in enumerate(zip(tokens, logprobs), 1):
+                self._append(seq, token, logprob, [])
+                if seq.finish_reason is not None:
+                    return taken
+            return len(tokens)
+        room = min(p.max_tokens - seq.num_output, self.max_model_len - seq.num_tokens)
+        take = min(len(tokens), room)
+        stops = self._stop_ids(p)
+        hit = next((i for i in range(take) if tokens[i] in stops), None)
+        if hit is not None:
+            take = hit + 1
+            seq.finish_reason = "stop"
+            seq.stop_reason = tokens[hit] if tokens[hit] in p.stop_token_ids else None
+        elif take == room:
+            seq.finish_reason = "length"
+        seq.token_ids.extend(tokens[:take])
+        seq.weight_versions.extend([self.weight_version] * take)
+        if p.logprobs:
+            seq.logprobs.extend(logprobs[:take])
+        return take
+
+    def _stop_ids(self, p: SamplingParams) -> set[int]:
+        return set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | self.eos_token_ids
 
     def _round_steps(self) -> int:
         """Decode steps the next round may run back to back (1 unless every running sequence decodes with
@@ -126,7 +169,7 @@ class EngineCore:
             p = seq.params
             banned = []
             if seq.num_output < p.min_tokens:
-                banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+                banned = sorted(self._stop_ids(p))
             chunk.sampling = SamplingInfo(
                 temperature=p.temperature,
                 top_k=p.top_k,

@@ -203,7 +203,7 @@ def test_trainer_that_stops_waiting_calls_the_update_off(trainer, old_and_new):
     from rollout import SamplingParams
 
     old, new, expected_old, expected_new = old_and_new
-    engine = engine_for(old)
+    engine = engine_for(old, num_decode_steps=1)  # one execute call per step: the third one is held
     connect(trainer, engine, timeout_s=2.0)
     execute, calls = engine.worker.execute, [0]
 

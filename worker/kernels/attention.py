@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-PV_FP32 = False  # experiment: probabilities kept in float32 (tf32 dot) for P @ V
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # they change from step to step: no recompiles
@@ -24,7 +23,6 @@ def _varlen_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-    PV_FP32: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x the GROUP query heads of one KV head."""
     tile = tl.program_id(0)
@@ -73,10 +71,7 @@ def _varlen_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if PV_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
@@ -90,7 +85,6 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    PV_FP32: tl.constexpr,
 ):
     """One program: one split of one sequence's context, for the query heads of one KV head.
 
@@ -129,10 +123,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if PV_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
@@ -228,7 +219,7 @@ def paged_varlen_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=_pow2(group), BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim, 16),
-        BLOCK_SIZE=block_size, TILE=64, PRECISION=_precision(q), PV_FP32=PV_FP32 and q.dtype != torch.float32, num_warps=4,
+        BLOCK_SIZE=block_size, TILE=64, PRECISION=_precision(q), num_warps=4,
     )
     return out
 
@@ -264,7 +255,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=_pow2(group, 16), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        TILE=64, SPLITS=splits, PRECISION=_precision(q), PV_FP32=PV_FP32 and q.dtype != torch.float32, num_warps=4,
+        TILE=64, SPLITS=splits, PRECISION=_precision(q), num_warps=4,
     )
     if splits > 1:
         _merge_kernel[(num_seqs, num_heads)](
