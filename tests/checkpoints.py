@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 TINY = dict(
     hidden_size=64,
@@ -67,3 +68,16 @@ def _arch(variant: str) -> str:
 def load_reference(path: Path):
     """The transformers model of a saved checkpoint, fp32, eval mode."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+PROMPTS_06B = [[(37 * i + 11 * j) % 151000 for j in range(n)] for i, n in enumerate((5, 40, 1, 97))]
+
+
+def save_qwen3_06b_shaped(path: Path, layers: int = 4) -> Path:
+    """Qwen3-0.6B's widths (GQA 16/8, head_dim 128, its vocabulary) with `layers` layers and transformers' own
+    random init (std 0.02), saved in bf16: realistic activation scales for bf16 comparisons."""
+    shape = json.loads((Path(__file__).parents[1] / "benchmarks" / "models" / "qwen3-0.6b.json").read_text())
+    config = AutoConfig.for_model(**{**shape, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    return Path(path)

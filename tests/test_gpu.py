@@ -1,17 +1,12 @@
 """The engine on a CUDA device (what 'auto' picks: Triton kernels, CUDA graphs): run with `pytest -m gpu`."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from checkpoints import load_reference
+from checkpoints import PROMPTS_06B, load_reference, save_qwen3_06b_shaped
 from rollout import RolloutEngine, SamplingParams
 from test_parity import PROMPTS, reference_greedy
-
-QWEN3_06B = Path(__file__).parents[1] / "benchmarks" / "models" / "qwen3-0.6b.json"
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,10 +47,8 @@ BF16_PARAMS = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True, lo
 def test_bf16_close_to_transformers_bf16_on_a_qwen3_06b_checkpoint(tmp_path):
     """Qwen3-0.6B's shapes (4 of its layers) with transformers' own random init, bf16 on both sides:
     logprobs of our samples within 2e-2 on average, argmax agreeing on >= 95% of the first 64 tokens."""
-    config = AutoConfig.for_model(**{**json.loads(QWEN3_06B.read_text()), "num_hidden_layers": 4})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
-    prompts = [[(37 * i + 11 * j) % 151000 for j in range(n)] for i, n in enumerate((5, 40, 1, 97))]
+    save_qwen3_06b_shaped(tmp_path)
+    prompts = PROMPTS_06B
     engine = RolloutEngine(model=str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=256, max_model_len=1024)
     outs = engine.generate(prompts, BF16_PARAMS, use_tqdm=False)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()

@@ -72,7 +72,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):  # torch's default capture stream may sit
+            # on another device (it is made once per process)
             out, logits = self._step(size)
         self.pool = graph.pool()
         return _Graph(graph, out, logits)
