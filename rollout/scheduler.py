@@ -47,18 +47,22 @@ class Scheduler:
     def schedule(self, num_steps: int = 1) -> list[ScheduledSeq]:
         """The next step's sequences. With num_steps > 1 (a decode round, see EngineCore) every running
         sequence gets blocks for that many tokens and nothing is admitted."""
+        if num_steps > 1:  # EngineCore checked that every running sequence decodes and its blocks fit
+            for seq in self.running:
+                self.blocks.allocate(seq, num_steps)
+            return [ScheduledSeq(seq, 1) for seq in self.running]
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preemptions = self.num_preemptions
         while len(scheduled) < len(self.running) and budget > 0:
             seq = self.running[len(scheduled)]
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._make_room(seq, num_new + num_steps - 1):
+            if not self._make_room(seq, num_new):
                 break
-            self.blocks.allocate(seq, num_new + num_steps - 1)
+            self.blocks.allocate(seq, num_new)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        if self.num_preemptions == preemptions and num_steps == 1:
+        if self.num_preemptions == preemptions:
             self._admit(scheduled, budget)
         return scheduled
 
