@@ -10,7 +10,7 @@ import torch
 CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")  # conftest selected the interpreter when there is no CUDA
 
-from tests.test_attention import paged_case  # noqa: E402
+from test_attention import paged_case  # noqa: E402
 from worker.attention.reference import ReferenceBackend  # noqa: E402
 from worker.attention.triton_backend import TritonBackend  # noqa: E402
 
