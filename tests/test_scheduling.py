@@ -52,7 +52,8 @@ def test_chunked_prefill_splits_long_prompts(path):
                            max_num_batched_tokens=16)
     steps = []
     execute = engine.worker.execute
-    engine.worker.execute = lambda batch: steps.extend([[len(c.token_ids) for c in batch.chunks]] * batch.num_steps) or execute(batch)
+    engine.worker.execute = lambda batch: (
+        steps.extend([[len(c.token_ids) for c in batch.chunks]] * batch.num_steps) or execute(batch))
     engine.generate([PROMPTS[3]], GREEDY, use_tqdm=False)
     assert steps[:4] == [[16], [16], [16], [16]]  # 64-token prompt in four chunks, then one token a step
     # (decode steps counted one by one, also when they run as rounds of num_decode_steps)

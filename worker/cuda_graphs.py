@@ -72,8 +72,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):  # torch's default capture stream may sit
-            # on another device (it is made once per process)
+        # our own stream: torch's default capture stream is made once per process, maybe on another device
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             out, logits = self._step(size)
         self.pool = graph.pool()
         return _Graph(graph, out, logits)
@@ -92,11 +92,11 @@ class DecodeGraphs:
         ctx = ForwardContext(self.backend, meta, self.kv_caches)
         hidden = self.model(self.field("input_ids")[:size], self.field("positions")[:size], ctx)
         logits = self.model.compute_logits(hidden)
+        none = self.field("seeds")[:0]
         plain = SamplingTensors(
-            temperature=self.floats[:size], top_k=self.field("seeds")[:0], top_p=self.floats[:0],
-            min_p=self.floats[:0], seeds=self.field("seeds")[:size], steps=self.field("steps")[:size],
-            use_raw=self.field("use_raw")[:size], banned_rows=self.field("seeds")[:0], banned_cols=self.field("seeds")[:0],
-            needs_sort=False, needs_min_p=False, max_top_logprobs=0,
+            temperature=self.floats[:size], top_k=none, top_p=self.floats[:0], min_p=self.floats[:0],
+            seeds=self.field("seeds")[:size], steps=self.field("steps")[:size], use_raw=self.field("use_raw")[:size],
+            banned_rows=none, banned_cols=none, needs_sort=False, needs_min_p=False, max_top_logprobs=0,
         )
         out = sample(logits, plain)
         self._advance(size, out.token_ids)
