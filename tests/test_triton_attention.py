@@ -42,7 +42,7 @@ def _compare(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dt
     assert torch.equal(flat[0, meta.slot_mapping], k) and torch.equal(flat[1, meta.slot_mapping], v)
 
 
-DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,12 +20,12 @@ from sampling_reference import make_tensors  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 
 
 def close(got, expected):
     """Equal up to one rounding of the dtype (reductions may sum in another order than torch's)."""
-    tol = 2**-7 if got.dtype == torch.bfloat16 else 1e-5
+    tol = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(got.dtype, 1e-5)
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
