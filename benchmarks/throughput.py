@@ -7,7 +7,7 @@ Default workload (issue 5): 256 prompts of 128 random tokens, 256 new tokens eac
 each after a short warm-up call; output tokens / wall seconds of one timed call.
 The roofline of a decode step is (weight bytes + KV bytes of every context read)
 / the copy bandwidth measured here; the table reports the median over full-batch
-decode steps.
+decode rounds of (time from the round's start to the next's) / its steps.
 """
 
 from __future__ import annotations
@@ -41,19 +41,28 @@ def copy_bandwidth(gib: int = 2) -> float:
 
 
 class StepTimer:
-    """Wraps the worker's execute: wall time and context lengths of every step."""
+    """Records when each batch or decode round is started on the worker, with its size and context lengths.
+
+    A round queued behind the one before (`resume`) starts when that one's tokens are read, so in steady
+    decoding the time from one start to the next is a round's time on the device (or the host's, if longer).
+    """
 
     def __init__(self, worker):
-        self.worker, self.inner, self.steps = worker, worker.execute, []
-        worker.execute = self
+        self.rounds = []  # (start time, sequences, context tokens at the round's first step, steps, decode)
+        launch, resume = worker.launch, worker.resume
 
-    def __call__(self, batch):
-        start = time.perf_counter()
-        out = self.inner(batch)
-        decode = all(len(c.token_ids) == 1 for c in batch.chunks)
-        self.steps.append((time.perf_counter() - start, len(batch.chunks), decode,
-                           sum(c.start_pos + len(c.token_ids) for c in batch.chunks), batch.num_steps))
-        return out
+        def timed_launch(batch):
+            decode = all(len(c.token_ids) == 1 for c in batch.chunks)
+            ctx = sum(c.start_pos + len(c.token_ids) for c in batch.chunks)
+            self.rounds.append((time.perf_counter(), len(batch.chunks), ctx, batch.num_steps, decode))
+            return launch(batch)
+
+        def timed_resume(previous, num_steps, tables):
+            _, n, ctx, k, _ = self.rounds[-1]
+            self.rounds.append((time.perf_counter(), n, ctx + n * k, num_steps, True))
+            return resume(previous, num_steps, tables)
+
+        worker.launch, worker.resume = timed_launch, timed_resume
 
 
 def run_ours(checkpoint: str, prompts, params, max_model_len: int,
@@ -98,12 +107,13 @@ def roofline(engine: RolloutEngine, timer: StepTimer, bandwidth: float) -> dict:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     kv_per_token = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * worker.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in worker.model.parameters()}.values())
-    full = max(n for _, n, decode, _, _ in timer.steps if decode)
-    rounds = [(t, n, ctx, k) for t, n, decode, ctx, k in timer.steps if decode and n == full]
-    measured = statistics.median(t / k for t, _, _, k in rounds)  # a round of k steps counts as k steps
+    rounds = timer.rounds
+    full = max(n for _, n, _, _, decode in rounds if decode)
+    pairs = [(b[0] - a[0], a) for a, b in zip(rounds, rounds[1:]) if a[4] and a[1] == full]
+    measured = statistics.median(t / a[3] for t, a in pairs)  # a round of k steps counts as k steps
     ideal = statistics.median(
-        sum(weights + (ctx + j * n) * kv_per_token for j in range(k)) / k / bandwidth for _, n, ctx, k in rounds)
-    return dict(batch=full, decode_rounds=len(rounds), steps_per_round=statistics.median(k for *_, k in rounds),
+        sum(weights + (ctx + j * n) * kv_per_token for j in range(k)) / k / bandwidth for _, (_, n, ctx, k, _) in pairs)
+    return dict(batch=full, decode_rounds=len(pairs), steps_per_round=statistics.median(a[3] for _, a in pairs),
                 step_ms=measured * 1e3, roofline_ms=ideal * 1e3, of_roofline=ideal / measured,
                 weight_gb=weights / 1e9, bandwidth_tb_s=bandwidth / 1e12)
 

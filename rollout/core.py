@@ -10,6 +10,7 @@ from rollout.sampling_params import SamplingParams
 from rollout.scheduler import ScheduledSeq, Scheduler
 from rollout.sequence import Sequence, Status
 from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
+from worker.model_runner import Round
 from worker.worker import Worker
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -27,6 +28,7 @@ class EngineCore:
         self.block_manager = BlockManager(worker.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.num_decode_steps = config.num_decode_steps
+        self._inflight: Optional[tuple[list[ScheduledSeq], Round]] = None  # a decode round queued on the device
         self.weight_version = 0
         self._next_seq_id = 0
         self._next_group = 0
@@ -58,19 +60,25 @@ class EngineCore:
         return seqs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def step(self) -> list[Sequence]:
-        """Run one step (or one decode round of several); returns the sequences that finished in it."""
+        """Run one step (or one decode round of several); returns the sequences that finished in it.
+
+        While decode rounds continue with the same sequences, the next round is queued on the device before
+        this one's tokens are read, so the host's work on them overlaps the device's on the next.
+        """
+        if self._inflight is not None:
+            return self._next_round(*self._inflight)
         num_steps = self._round_steps()
         scheduled = self.scheduler.schedule(num_steps)
         if not scheduled:
             return []
         samples = [item.samples for item in scheduled]
-        outputs = self.worker.execute(Batch([self._chunk(s) for s in scheduled], num_steps))
+        started = self.worker.launch(Batch([self._chunk(s) for s in scheduled], num_steps))
         if num_steps > 1:
-            return self._finish_round(scheduled, outputs)
-        output, finished, row = outputs[0], [], 0
+            return self._next_round(scheduled, started)
+        output, finished, row = started.outputs()[0], [], 0
         for item, sampled in zip(scheduled, samples):
             seq = item.seq
             seq.num_computed += item.num_new
@@ -84,6 +92,46 @@ class EngineCore:
                 finished.append(seq)
         return finished
 
+    def drain(self) -> list[Sequence]:
+        """Take the tokens of a round still on the device, starting no other (before weights change)."""
+        if self._inflight is None:
+            return []
+        scheduled, started = self._inflight
+        self._inflight = None
+        return self._finish_round(scheduled, started.outputs())
+
+    def _next_round(self, scheduled: list[ScheduledSeq], started: Round) -> list[Sequence]:
+        self._inflight = None
+        follow = self._follow_up(scheduled, started.num_steps)
+        if follow:
+            tables = [item.seq.block_table for item in scheduled]
+            self._inflight = (scheduled, self.worker.resume(started, follow, tables))
+        return self._finish_round(scheduled, started.outputs())
+
+    def _follow_up(self, scheduled: list[ScheduledSeq], ahead: int) -> int:
+        """Steps of a next round for the same sequences, queued before this round's tokens are read (0: none).
+
+        Decided as if no sequence stops in this round (`ahead` steps); one that does wastes its next round.
+        Blocks for the next round are allocated here.
+        """
+        sched = self.scheduler
+        if self.num_decode_steps == 1 or (sched.waiting and len(sched.running) < sched.max_num_seqs):
+            return 0
+        limit, longest = self.num_decode_steps, 0
+        for item in scheduled:
+            seq = item.seq
+            if seq.finished:
+                return 0
+            limit = min(limit, self.max_model_len - seq.num_tokens - ahead + 1)
+            longest = max(longest, seq.params.max_tokens - seq.num_output - ahead)
+        steps = min(limit, longest)
+        if steps < 2 or sum(self.block_manager.blocks_needed(i.seq, ahead + steps) for i in scheduled) > \
+                self.block_manager.num_free:
+            return 0
+        for item in scheduled:
+            self.block_manager.allocate(item.seq, ahead + steps)
+        return steps
+
     def _finish_round(self, scheduled: list[ScheduledSeq], outputs: list[StepOutput]) -> list[Sequence]:
         """Take each sequence's tokens of a decode round up to its first stop; the rest are discarded."""
         tokens = list(zip(*(o.token_ids for o in outputs)))
@@ -91,6 +139,8 @@ class EngineCore:
         finished = []
         for item, row_tokens, row_logprobs in zip(scheduled, tokens, logprobs):
             seq = item.seq
+            if seq.finished:  # stopped in the round before: this one was computed for nothing
+                continue
             seq.num_computed += self._append_round(seq, row_tokens, row_logprobs)
             self.block_manager.commit(seq)
             if seq.finish_reason is not None:
@@ -153,6 +203,7 @@ class EngineCore:
 
     def abort_all(self) -> None:
         """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
+        self._inflight = None
         self.scheduler.abort_all()
 
     def abort_inflight(self) -> None:

@@ -121,6 +121,7 @@ class RolloutEngine:
             raise
 
     def _update_between_steps(self) -> None:
+        self.core.drain()  # a round still on the device computes with the weights it started with
         if self._gate.pending(("abort",)):
             self.core.abort_inflight()
         self._gate.run_pending(("keep", "abort"))

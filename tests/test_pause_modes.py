@@ -20,26 +20,24 @@ def long_old(old_and_new):
 
 
 def hold_step_until_update_queued(engine, step: int):
-    """Make the engine's `step`-th step wait until an update is queued, so it surely lands mid-generation.
+    """Make the engine's `step`-th step (a round of decode steps counts as one) wait until an update is
+    queued, so it surely lands mid-generation. Returns the original `step`, to put back afterwards."""
+    original, calls = engine.core.step, [0]
 
-    Returns the original `execute`, to put back afterwards.
-    """
-    execute, calls = engine.worker.execute, [0]
-
-    def held(batch):
+    def held():
         calls[0] += 1
         deadline = time.monotonic() + 30
         while calls[0] == step and not engine._gate.pending(PAUSE_MODES) and time.monotonic() < deadline:
             time.sleep(0.001)
-        return execute(batch)
+        return original()
 
-    engine.worker.execute = held
-    return execute
+    engine.core.step = held
+    return original
 
 
 def update_mid_generation(trainer, engine, new, mode):
-    """Run a LONG generate in a thread and send an update after its 3rd token, before its 6th; return its samples."""
-    execute = hold_step_until_update_queued(engine, step=6)
+    """Run a LONG generate in a thread and send an update after its 3rd token, mid-generation; return its samples."""
+    original = hold_step_until_update_queued(engine, step=3)
     result = {}
     thread = threading.Thread(target=lambda: result.update(outs=engine.generate(PROMPTS, LONG, use_tqdm=False)))
     thread.start()
@@ -50,7 +48,7 @@ def update_mid_generation(trainer, engine, new, mode):
     assert sync(trainer, engine, {"checkpoint": str(new)}, version=1, pause_mode=mode) == [1, 1]
     finished_when_update_returned = not thread.is_alive()
     thread.join(60)
-    engine.worker.execute = execute
+    engine.core.step = original
     return [o.samples[0] for o in result["outs"]], finished_when_update_returned
 
 

@@ -51,12 +51,14 @@ def test_chunked_prefill_splits_long_prompts(path):
     engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=64, max_model_len=128,
                            max_num_batched_tokens=16)
     steps = []
-    execute = engine.worker.execute
-    engine.worker.execute = lambda batch: (
-        steps.extend([[len(c.token_ids) for c in batch.chunks]] * batch.num_steps) or execute(batch))
+    launch, resume = engine.worker.launch, engine.worker.resume
+    engine.worker.launch = lambda batch: (
+        steps.extend([[len(c.token_ids) for c in batch.chunks]] * batch.num_steps) or launch(batch))
+    engine.worker.resume = lambda previous, num_steps, tables: (
+        steps.extend([[1] * len(tables)] * num_steps) or resume(previous, num_steps, tables))
     engine.generate([PROMPTS[3]], GREEDY, use_tqdm=False)
     assert steps[:4] == [[16], [16], [16], [16]]  # 64-token prompt in four chunks, then one token a step
-    # (decode steps counted one by one, also when they run as rounds of num_decode_steps)
+    # (decode steps counted one by one, also when they run as rounds of num_decode_steps, queued or not)
     assert all(s == [1] for s in steps[4:]) and len(steps) == 4 + GREEDY.max_tokens - 1
 
 
@@ -85,8 +87,8 @@ def test_max_num_seqs_bounds_the_batch(path):
     engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128,
                            max_num_seqs=2)
     widths = []
-    execute = engine.worker.execute
-    engine.worker.execute = lambda batch: widths.append(len(batch.chunks)) or execute(batch)
+    launch = engine.worker.launch
+    engine.worker.launch = lambda batch: widths.append(len(batch.chunks)) or launch(batch)
     outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert max(widths) == 2 and all(len(o.samples[0].token_ids) == 24 for o in outs)
 
@@ -106,9 +108,11 @@ def test_decode_rounds_keep_outputs(path):
     _, baseline = run(path, PROMPTS, params, num_decode_steps=1)
     engine = RolloutEngine(model=str(path), device="cpu", block_size=8, num_kv_blocks=256, max_model_len=128,
                            num_decode_steps=4)
-    rounds = []
-    execute = engine.worker.execute
-    engine.worker.execute = lambda batch: rounds.append(batch.num_steps) or execute(batch)
+    rounds, queued = [], []
+    launch, resume = engine.worker.launch, engine.worker.resume
+    engine.worker.launch = lambda batch: rounds.append(batch.num_steps) or launch(batch)
+    engine.worker.resume = lambda previous, num_steps, tables: queued.append(num_steps) or resume(previous,
+                                                                                               num_steps, tables)
     for _ in range(2):
         outs = engine.generate(PROMPTS, params, use_tqdm=False)
         assert_same(outs, baseline)
@@ -116,4 +120,4 @@ def test_decode_rounds_keep_outputs(path):
             [[s.finish_reason for s in o.samples] for o in baseline]
     assert baseline[0].samples[0].finish_reason == "stop" and len(baseline[0].samples[0].token_ids) == 7
     assert baseline[3].samples[0].finish_reason == "length" and len(baseline[3].samples[0].token_ids) == 128 - 64
-    assert max(rounds) == 4 and engine.core.block_manager.num_hit_blocks > 0
+    assert max(rounds) == 4 and max(queued) == 4 and engine.core.block_manager.num_hit_blocks > 0

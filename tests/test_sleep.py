@@ -126,14 +126,14 @@ def test_misuse_errors(path):
 def test_sleep_refused_while_generate_runs(path):
     engine = make(path)
     started, release = threading.Event(), threading.Event()
-    execute = engine.worker.execute
+    launch = engine.worker.launch
 
     def slow(batch):
         started.set()
         release.wait(10)
-        return execute(batch)
+        return launch(batch)
 
-    engine.worker.execute = slow
+    engine.worker.launch = slow
     thread = threading.Thread(target=run, args=(engine,))
     thread.start()
     started.wait(10)
@@ -141,7 +141,7 @@ def test_sleep_refused_while_generate_runs(path):
         engine.sleep()
     release.set()
     thread.join()
-    engine.worker.execute = execute
+    engine.worker.launch = launch
     engine.sleep()
     engine.wake_up()
 

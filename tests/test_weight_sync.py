@@ -203,17 +203,17 @@ def test_trainer_that_stops_waiting_calls_the_update_off(trainer, old_and_new):
     from rollout import SamplingParams
 
     old, new, expected_old, expected_new = old_and_new
-    engine = engine_for(old, num_decode_steps=1)  # one execute call per step: the third one is held
+    engine = engine_for(old, num_decode_steps=1)  # one launch per step: the third one is held
     connect(trainer, engine, timeout_s=2.0)
-    execute, calls = engine.worker.execute, [0]
+    launch, calls = engine.worker.launch, [0]
 
     def slow(batch):
         calls[0] += 1
         if calls[0] == 3:
             time.sleep(3.5)  # longer than the trainer waits for the ack
-        return execute(batch)
+        return launch(batch)
 
-    engine.worker.execute = slow
+    engine.worker.launch = slow
     done = {}
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     thread = threading.Thread(target=lambda: done.update(outs=engine.generate(PROMPTS, params, use_tqdm=False)))
@@ -222,7 +222,7 @@ def test_trainer_that_stops_waiting_calls_the_update_off(trainer, old_and_new):
         time.sleep(0.001)
     sent, received = sync(trainer, engine, {"checkpoint": str(new)}, version=1, pause_mode="wait")
     thread.join(30)
-    engine.worker.execute = execute
+    engine.worker.launch = launch
     assert isinstance(sent, TrainerError) and sent.kind == "WeightTransferError"
     assert isinstance(received, WeightUpdateRejected) and "called off" in str(received)
     assert engine.weight_version == 0 and greedy(engine) == expected_old

@@ -1,6 +1,7 @@
 """Decode steps replayed from CUDA graphs, one per padded batch size.
 
-A graph covers the whole step after the inputs are on the device: embedding,
+A graph covers the whole step after the inputs are on the device: the cache
+slots from positions and block tables, embedding,
 every layer (Triton attention included), the final norm, the LM head and the
 sampler. Inputs live in static device buffers, filled by two copies from pinned
 host memory; padding rows have seq_len 0 and slot -1, so they read nothing and
@@ -88,6 +89,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.block_size,
         )
+        self._slots(size)
         self.backend.prepare(meta, self.block_size)
         ctx = ForwardContext(self.backend, meta, self.kv_caches)
         hidden = self.model(self.field("input_ids")[:size], self.field("positions")[:size], ctx)
@@ -102,17 +104,20 @@ class DecodeGraphs:
         self._advance(size, out.token_ids)
         return out, logits
 
+    def _slots(self, size: int) -> None:
+        """Cache slot of each row's token, from its position and block table (-1 on padding rows)."""
+        positions = self.field("positions")[:size]
+        block = self.block_tables[:size].gather(1, (positions // self.block_size)[:, None])[:, 0]
+        slot = block * self.block_size + positions % self.block_size
+        self.field("slot_mapping")[:size].copy_(torch.where(self.field("seq_lens")[:size] > 0, slot, -1))
+
     def _advance(self, size: int, token_ids: torch.Tensor) -> None:
         """Turn the inputs into the next decode step's: the sampled tokens at the next positions."""
         active = (self.field("seq_lens")[:size] > 0).long()
-        positions = self.field("positions")[:size]
         self.field("input_ids")[:size].copy_(token_ids)
-        positions.add_(active)
+        self.field("positions")[:size].add_(active)
         self.field("seq_lens")[:size].add_(active)
         self.field("steps")[:size].add_(1)
-        block = self.block_tables[:size].gather(1, (positions // self.block_size)[:, None])[:, 0]
-        slot = block * self.block_size + positions % self.block_size
-        self.field("slot_mapping")[:size].copy_(torch.where(active.bool(), slot, -1))
 
     def size_for(self, num_seqs: int) -> int:
         """The smallest captured size that fits `num_seqs` (which must be <= max_batch)."""
@@ -125,9 +130,20 @@ class DecodeGraphs:
         `ints` holds one list per name in INT_FIELDS; `tables` the block table of each sequence (with blocks
         for every step). Returns the sampler outputs stacked [num_steps, B] and the last step's logits.
         """
-        num = len(temperature)
-        size = self.size_for(num)
+        size = self.size_for(len(temperature))
         self._load(ints, temperature, tables, size)
+        return self._replay(len(temperature), size, num_steps)
+
+    def resume(self, tables: list[list[int]], num_steps: int) -> tuple[SamplerOutput, torch.Tensor]:
+        """Run `num_steps` more steps of the last batch from where its last step left the inputs, with the
+        sequences' block tables (grown for the new steps). Queued behind the earlier steps, not waiting for them."""
+        num = len(tables)
+        width = max(len(t) for t in tables)
+        rows = torch.tensor([t + [0] * (width - len(t)) for t in tables]).pin_memory()  # freed after the copy ran
+        self.block_tables[:num, :width].copy_(rows, non_blocking=True)
+        return self._replay(num, self.size_for(num), num_steps)
+
+    def _replay(self, num: int, size: int, num_steps: int) -> tuple[SamplerOutput, torch.Tensor]:
         entry = self.graphs[size]
         tokens, logprobs = [], []
         for _ in range(num_steps):

@@ -32,20 +32,34 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> list[StepOutput]:
-        """Compute the batch's tokens into the cache and sample for the chunks that ask for it, for each of
-        the batch's steps (decode rounds run several, each step's tokens feeding the next)."""
+    def launch(self, batch: Batch) -> "Round":
+        """Start the batch's step(s) (decode rounds run several, each step's tokens feeding the next)."""
         chunks = batch.chunks
         if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
                 len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
             infos = [c.sampling for c in chunks]
             if batch.num_steps == 1 or _plain(infos):
-                return self._execute_graph(chunks, infos, batch.num_steps)
+                return self._launch_graph(chunks, infos, batch.num_steps)
+        return self._run_eager(chunks, batch.num_steps)
+
+    @torch.inference_mode()
+    def resume(self, previous: "Round", num_steps: int, tables: list[list[int]]) -> "Round":
+        """Run `num_steps` more decode steps of a round's sequences (plain sampling), queued behind it; `tables`
+        are their block tables, grown for the new steps."""
+        if previous.chunks is None:  # replayed from a graph: the device holds the next step's inputs
+            out, _ = self.graphs.resume(tables, num_steps)
+            return Round.started(out, num_steps)
+        last = previous.outputs()[-1].token_ids
+        chunks = [replace(_advance(c, token), block_table=table)
+                  for c, token, table in zip(previous.chunks, last, tables)]
+        return self._run_eager(chunks, num_steps)
+
+    def _run_eager(self, chunks: list[SeqChunk], num_steps: int) -> "Round":
         outputs = [self._execute_eager(chunks)]
-        for _ in range(batch.num_steps - 1):
+        for _ in range(num_steps - 1):
             chunks = [_advance(c, token) for c, token in zip(chunks, outputs[-1].token_ids)]
             outputs.append(self._execute_eager(chunks))
-        return outputs
+        return Round(num_steps, chunks=chunks, ready=outputs)
 
     def _execute_eager(self, chunks: list[SeqChunk]) -> StepOutput:
         input_ids, positions, meta, logits_rows = self._prepare(chunks)
@@ -55,9 +69,9 @@ class ModelRunner:
         if not infos:
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[logits_rows])
-        return _to_step_outputs(sample(logits, self._sampling_tensors(infos)), infos)[0]
+        return _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
 
-    def _execute_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> list[StepOutput]:
+    def _launch_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> "Round":
         bs = self.block_size
         ints = [
             [c.token_ids[0] for c in chunks],
@@ -72,9 +86,8 @@ class ModelRunner:
                                          num_steps)
         if not _plain(infos):
             single = torch_sample(logits, self._sampling_tensors(infos))
-            out = SamplerOutput(single.token_ids[None], single.logprobs[None], single.top_ids[:, None],
-                                single.top_logprobs[:, None])
-        return _to_step_outputs(out, infos)
+            return Round(1, ready=[_to_step_output(single, infos)])
+        return Round.started(out, num_steps)
 
     def _prepare(self, chunks: list[SeqChunk]):
         tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []
@@ -129,28 +142,51 @@ def _plain(infos: list[SamplingInfo]) -> bool:
                    for i in infos)
 
 
+class Round:
+    """Steps started on the device; `outputs()` waits for them (the host's one synchronisation).
+
+    `chunks` (eager rounds) are the last step's, for `ModelRunner.resume`.
+    """
+
+    def __init__(self, num_steps: int, chunks: Optional[list[SeqChunk]] = None,
+                 ready: Optional[list[StepOutput]] = None):
+        self.num_steps = num_steps
+        self.chunks = chunks
+        self._ready = ready
+        self._host: Optional[torch.Tensor] = None
+        self._event: Optional[torch.cuda.Event] = None
+
+    @classmethod
+    def started(cls, out: SamplerOutput, num_steps: int) -> "Round":
+        """A round of plain-sampled tokens still on the device ([num_steps, B]): copy them out asynchronously."""
+        rnd = cls(num_steps)
+        packed = torch.cat([out.token_ids.T.double(), out.logprobs.T.double()], dim=1)
+        rnd._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        rnd._host.copy_(packed, non_blocking=True)
+        rnd._event = torch.cuda.Event()
+        rnd._event.record()
+        return rnd
+
+    def outputs(self) -> list[StepOutput]:
+        """One StepOutput per step."""
+        if self._ready is None:
+            self._event.synchronize()
+            rows, k = self._host.tolist(), self.num_steps
+            empty = [[] for _ in rows]
+            self._ready = [StepOutput([int(r[j]) for r in rows], [r[k + j] for r in rows], empty) for j in range(k)]
+        return self._ready
+
+
 def _advance(chunk: SeqChunk, token: int) -> SeqChunk:
     """The chunk of the next decode step: the token just sampled, one position on."""
     return SeqChunk([token], chunk.start_pos + len(chunk.token_ids), chunk.block_table,
                     replace(chunk.sampling, step=chunk.sampling.step + 1))
 
 
-def _to_step_outputs(out: SamplerOutput, infos: list[SamplingInfo]) -> list[StepOutput]:
-    """Copy the sampler's results to the host (the step's one synchronisation) as Python values.
-
-    `out` holds one step ([S] tokens) or several stacked ([K, S] tokens, [S, K, k] top logprobs).
-    """
-    tokens = out.token_ids if out.token_ids.dim() == 2 else out.token_ids[None]
-    logprobs = out.logprobs if out.logprobs.dim() == 2 else out.logprobs[None]
-    top_ids = out.top_ids if out.top_ids.dim() == 3 else out.top_ids[:, None]
-    top_lps = out.top_logprobs if out.top_logprobs.dim() == 3 else out.top_logprobs[:, None]
-    steps, rows = tokens.shape
-    k = top_ids.shape[2]
-    host = torch.cat([tokens.T.double(), logprobs.T.double(), top_ids.reshape(rows, -1).double(),
-                      top_lps.reshape(rows, -1).double()], dim=1).cpu().tolist()
-    outputs = []
-    for step in range(steps):
-        top = [[(int(row[2 * steps + (step * k + j)]), row[2 * steps + steps * k + step * k + j])
-                for j in range(info.top_logprobs)] for row, info in zip(host, infos)]
-        outputs.append(StepOutput([int(r[step]) for r in host], [r[steps + step] for r in host], top))
-    return outputs
+def _to_step_output(out: SamplerOutput, infos: list[SamplingInfo]) -> StepOutput:
+    """Copy one step's sampler results to the host (the step's one synchronisation) as Python values."""
+    k = out.top_ids.shape[1]
+    host = torch.cat([out.token_ids[:, None].double(), out.logprobs[:, None].double(), out.top_ids.double(),
+                      out.top_logprobs.double()], dim=1).cpu().tolist()
+    top = [[(int(row[2 + j]), row[2 + k + j]) for j in range(info.top_logprobs)] for row, info in zip(host, infos)]
+    return StepOutput([int(r[0]) for r in host], [r[1] for r in host], top)

@@ -18,7 +18,7 @@ from worker.loader import check_tensors, checkpoint_files, checkpoint_shapes, it
 from worker.memory import MemoryPool
 from worker.memory.pool import KV_CACHE, TAGS, WEIGHTS
 from worker.memory.report import MemoryReport, memory_report
-from worker.model_runner import ModelRunner
+from worker.model_runner import ModelRunner, Round
 from worker.models.llama import CausalLM
 from worker.models.registry import build_model
 from worker.parallel import TensorParallel, TensorParallelInit, check_divides
@@ -256,8 +256,17 @@ class Worker:
 
     def execute(self, batch: Batch) -> list[StepOutput]:
         """Run the batch's step(s); one StepOutput per step."""
+        return self.launch(batch).outputs()
+
+    def launch(self, batch: Batch) -> Round:
+        """Start the batch's step(s); the Round's `outputs()` waits for them."""
         with self._on_device():
-            return self.runner.execute(batch)
+            return self.runner.launch(batch)
+
+    def resume(self, previous: Round, num_steps: int, tables: list[list[int]]) -> Round:
+        """Queue `num_steps` more decode steps of a round's sequences behind it (see ModelRunner.resume)."""
+        with self._on_device():
+            return self.runner.resume(previous, num_steps, tables)
 
     def check_ready(self) -> None:
         """Raise unless the worker can generate: everything awake and the weights whole."""
