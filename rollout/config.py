@@ -23,8 +23,9 @@ class EngineConfig(WorkerConfig):
     num_decode_steps: int = Field(
         8, ge=1, le=64, description="Decode steps run back to back on the device per scheduling round when every "
         "running sample decodes with plain sampling (temperature / greedy, no filters, bans or top logprobs); "
-        "the host reads the tokens once per round. A sample that stops mid-round wastes the rest of the round. "
-        "1 schedules every step."
+        "the host reads the tokens once per round, and the next round for the same samples is queued before "
+        "they are read. A sample that stops mid-round wastes the rest of it and the queued one. 1 schedules "
+        "every step."
     )
     executor: Literal["local", "ray"] = Field(
         "local", description="'local': this process, one device. 'ray': replicas of Ray actors (see README, Ray)."
