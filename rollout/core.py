@@ -203,14 +203,22 @@ class EngineCore:
 
     def abort_all(self) -> None:
         """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
-        self._inflight = None
+        if self._inflight is not None:  # let the device finish it before its blocks can be handed out again
+            try:
+                self._inflight[1].outputs()
+            except Exception:  # noqa: BLE001 - the step already failed; its error is the one raised
+                pass
+            self._inflight = None
         self.scheduler.abort_all()
 
-    def abort_inflight(self) -> None:
-        """End every queued and running sequence now with finish_reason "abort", keeping its tokens."""
-        for seq in self.scheduler.abort_all():
+    def abort_inflight(self) -> int:
+        """End every queued and running sequence now with finish_reason "abort", keeping its tokens; returns
+        how many."""
+        ended = self.scheduler.abort_all()
+        for seq in ended:
             seq.status = Status.FINISHED
             seq.finish_reason = "abort"
+        return len(ended)
 
     def _chunk(self, item: ScheduledSeq) -> SeqChunk:
         seq = item.seq

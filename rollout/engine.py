@@ -113,20 +113,23 @@ class RolloutEngine:
         try:
             while self.core.has_work():
                 if self._gate.pending(("keep", "abort")):
-                    self._update_between_steps()
+                    bar.update(self._update_between_steps())
                     continue
                 bar.update(len(self.core.step()))
         except BaseException:
             self.core.abort_all()
             raise
 
-    def _update_between_steps(self) -> None:
-        self.core.drain()  # a round still on the device computes with the weights it started with
-        if self._gate.pending(("abort",)):
-            self.core.abort_inflight()
-        self._gate.run_pending(("keep", "abort"))
+    def _update_between_steps(self) -> int:
+        """Run the queued keep / abort updates; returns how many samples ended meanwhile."""
+        ended = len(self.core.drain())  # a round still on the device computes with the weights it started with
+        jobs = self._gate.take(("keep", "abort"))
+        if any(job.mode == "abort" for job in jobs):
+            ended += self.core.abort_inflight()
+        self._gate.run(jobs)
         if self.worker.missing_weights:  # the update broke: return what the requests have so far
-            self.core.abort_inflight()
+            ended += self.core.abort_inflight()
+        return ended
 
     def _output(self, request_id: str, prompt: list[int], seqs: list[Sequence]) -> RolloutOutput:
         return RolloutOutput(request_id=request_id, prompt_token_ids=prompt, samples=[self._sample(s) for s in seqs])

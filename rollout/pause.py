@@ -67,9 +67,20 @@ class UpdateGate:
 
     def run_pending(self, modes: Iterable[str]) -> None:
         """Run the queued jobs of the given modes, in order (the caller holds the lock)."""
+        self.run(self.take(modes))
+
+    def take(self, modes: Iterable[str]) -> list[_Job]:
+        """Remove and return the queued jobs of the given modes, in order."""
         modes = set(modes)
-        for job in [job for job in list(self._jobs) if job.mode in modes]:
+        jobs = [job for job in list(self._jobs) if job.mode in modes]
+        for job in jobs:
             self._jobs.remove(job)
+        return jobs
+
+    @staticmethod
+    def run(jobs: list[_Job]) -> None:
+        """Run taken jobs in order, handing each result or error to its submitter (the caller holds the lock)."""
+        for job in jobs:
             try:
                 job.result = job.run()
             except BaseException as exc:  # noqa: BLE001 - re-raised on the submitting thread

@@ -46,7 +46,7 @@ class ModelRunner:
     def resume(self, previous: "Round", num_steps: int, tables: list[list[int]]) -> "Round":
         """Run `num_steps` more decode steps of a round's sequences (plain sampling), queued behind it; `tables`
         are their block tables, grown for the new steps."""
-        if previous.chunks is None:  # replayed from a graph: the device holds the next step's inputs
+        if previous.graph:  # the device holds the next step's inputs
             out, _ = self.graphs.resume(tables, num_steps)
             return Round.started(out, num_steps)
         last = previous.outputs()[-1].token_ids
@@ -145,13 +145,14 @@ def _plain(infos: list[SamplingInfo]) -> bool:
 class Round:
     """Steps started on the device; `outputs()` waits for them (the host's one synchronisation).
 
-    `chunks` (eager rounds) are the last step's, for `ModelRunner.resume`.
+    `chunks` (eager rounds) are the last step's, for `ModelRunner.resume`; `graph` rounds resume on the device.
     """
 
     def __init__(self, num_steps: int, chunks: Optional[list[SeqChunk]] = None,
-                 ready: Optional[list[StepOutput]] = None):
+                 ready: Optional[list[StepOutput]] = None, graph: bool = False):
         self.num_steps = num_steps
         self.chunks = chunks
+        self.graph = graph  # replayed from a CUDA graph whose inputs were left at the next step
         self._ready = ready
         self._host: Optional[torch.Tensor] = None
         self._event: Optional[torch.cuda.Event] = None
@@ -159,7 +160,7 @@ class Round:
     @classmethod
     def started(cls, out: SamplerOutput, num_steps: int) -> "Round":
         """A round of plain-sampled tokens still on the device ([num_steps, B]): copy them out asynchronously."""
-        rnd = cls(num_steps)
+        rnd = cls(num_steps, graph=True)
         packed = torch.cat([out.token_ids.T.double(), out.logprobs.T.double()], dim=1)
         rnd._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         rnd._host.copy_(packed, non_blocking=True)

@@ -91,7 +91,7 @@ def _decode_kernel(
     With SPLITS == 1 the result goes straight to `out`; otherwise each split writes
     its normalised partial output and log-sum-exp (base 2) for `_merge_kernel`.
     """
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -143,7 +143,7 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Combine the SPLITS partial outputs of one (sequence, query head) by their log-sum-exps."""
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     head = tl.program_id(1)
     row = (seq * num_heads + head) * SPLITS
     splits = tl.arange(0, SPLITS)
@@ -171,7 +171,7 @@ def _precision(q: torch.Tensor) -> str:
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
                      WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     """Write one token's keys and values (all KV heads) to its cache slot; slot < 0 is skipped."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     slot = tl.load(slot_ptr + token)
     if slot < 0:
         return

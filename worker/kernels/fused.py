@@ -17,7 +17,7 @@ import triton.language as tl
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, stride_x, stride_res, stride_out, eps,
                      N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
@@ -47,7 +47,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -71,7 +71,7 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, str
                          NUM_Q_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
                          HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     """One token: every q and k head gets its optional RMSNorm, then neox rotary, in place."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     heads = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, HALF)
     mask = (heads < NUM_HEADS)[:, None]

@@ -40,7 +40,7 @@ def _mix32(x):
 @triton.jit
 def _stats_kernel(logits_ptr, stride_row, temp_ptr, stats_ptr, vocab, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """stats[row, chunk, :] = (max raw, sum exp raw, max scaled, sum exp scaled, greedy best, its index)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     divisor = tl.where(temp == 0.0, 1.0, temp)
@@ -90,7 +90,7 @@ def _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
 def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_ptr, vocab,
                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
     """stats[row, chunk, 6:8] = the chunk's best log_softmax(scaled) + gumbel and its index (sampled rows)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     if temp == 0.0:
@@ -120,7 +120,7 @@ def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_p
 @triton.jit
 def _pick_kernel(logits_ptr, stride_row, temp_ptr, raw_ptr, stats_ptr, token_ptr, logprob_ptr, num_chunks,
                  MAX_CHUNKS: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0.0
     lse_raw, lse_scaled = _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS)
