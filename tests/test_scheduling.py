@@ -1,4 +1,6 @@
-"""Preemption, prefix caching and chunked prefill change how work is scheduled, never the outputs."""
+"""Preemption, prefix caching, chunked prefill and decode rounds change how work is scheduled, never the outputs."""
+
+import random
 
 import pytest
 
@@ -121,3 +123,34 @@ def test_decode_rounds_keep_outputs(path):
     assert baseline[0].samples[0].finish_reason == "stop" and len(baseline[0].samples[0].token_ids) == 7
     assert baseline[3].samples[0].finish_reason == "length" and len(baseline[3].samples[0].token_ids) == 128 - 64
     assert max(rounds) == 4 and max(queued) == 4 and engine.core.block_manager.num_hit_blocks > 0
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_random_batches_same_with_and_without_decode_rounds(path, case):
+    """Random prompts, params and cache shapes: rounds of 3 and 8 steps (queued ahead or not) give the tokens,
+    logprobs and finish / stop reasons of single steps, also on a second call over cached prefixes."""
+    rng = random.Random(case)
+    max_len, block = rng.choice([40, 64, 128]), rng.choice([4, 8, 16])
+    prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, max_len - 2))] for _ in range(rng.randrange(2, 6))]
+    params = []
+    for _ in prompts:
+        max_tokens = rng.randrange(1, 60)
+        params.append(SamplingParams(
+            n=rng.choice([1, 2, 3]), temperature=rng.choice([0.0, 0.8, 1.5]), max_tokens=max_tokens,
+            min_tokens=rng.randrange(0, max_tokens + 1) if rng.random() < 0.3 else 0,
+            stop_token_ids=rng.sample(range(5, 300), rng.choice([0, 3, 20])), ignore_eos=rng.random() < 0.5,
+            logprobs=True, seed=rng.randrange(100)))
+    config = dict(block_size=block, max_model_len=max_len, enable_prefix_caching=rng.random() < 0.5,
+                  num_kv_blocks=rng.choice([-(-max_len // block), -(-max_len // block) + 3, 256]),
+                  max_num_seqs=rng.choice([1, 2, 4, 256]), max_num_batched_tokens=rng.choice([16, 64, 8192]))
+
+    def reasons(outs):
+        return [[(s.finish_reason, s.stop_reason) for s in o.samples] for o in outs]
+
+    _, baseline = run(path, prompts, params, num_decode_steps=1, **config)
+    for steps in (3, 8):
+        engine, outs = run(path, prompts, params, num_decode_steps=steps, **config)
+        again = engine.generate(prompts, params, use_tqdm=False)
+        for got in (outs, again):
+            assert_same(got, baseline)
+            assert reasons(got) == reasons(baseline)
