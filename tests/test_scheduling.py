@@ -131,7 +131,8 @@ def test_random_batches_same_with_and_without_decode_rounds(path, case):
     logprobs and finish / stop reasons of single steps, also on a second call over cached prefixes."""
     rng = random.Random(case)
     max_len, block = rng.choice([40, 64, 128]), rng.choice([4, 8, 16])
-    prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, max_len - 2))] for _ in range(rng.randrange(2, 6))]
+    prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, max_len - 2))]
+               for _ in range(rng.randrange(2, 6))]
     params = []
     for _ in prompts:
         max_tokens = rng.randrange(1, 60)
