@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected
 from worker.attention import get_attention_backend
-from worker.batch import Batch, StepOutput
+from worker.batch import Batch
 from worker.config import WorkerConfig
 from worker.errors import CheckpointError, EngineSleepingError, WeightsInvalidError
 from worker.loader import check_tensors, checkpoint_files, checkpoint_shapes, iter_checkpoint
@@ -29,7 +29,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class Worker:
-    """One device's share of the engine: `init_device`, `load_model`, `init_cache`, `execute`, `sleep`, `wake_up`.
+    """One device's share of the engine: `init_device`, `load_model`, `init_cache`, `launch` / `resume`, `sleep`,
+    `wake_up`.
 
     Parameters and KV blocks are views into the arenas of the worker's MemoryPool.
     """
@@ -253,10 +254,6 @@ class Worker:
                 f"gpu_memory_utilization={self.config.gpu_memory_utilization}"
             )
         return budget
-
-    def execute(self, batch: Batch) -> list[StepOutput]:
-        """Run the batch's step(s); one StepOutput per step."""
-        return self.launch(batch).outputs()
 
     def launch(self, batch: Batch) -> Round:
         """Start the batch's step(s); the Round's `outputs()` waits for them."""
