@@ -21,7 +21,7 @@ from rollout.outputs import RolloutOutput
 from rollout.ray_actor import RankActor
 from rollout.sampling_params import SamplingParams
 from rollout.validation import check_requests, load_tokenizer
-from weight_sync import UpdateInfo
+from weight_sync import UpdateInfo, new_secret
 
 
 def ray_available() -> dict:
@@ -103,7 +103,9 @@ class RayEngine:
         tp = None
         if self.tp > 1:
             host, port = self._get(replica, actors[0].address.remote())
-            tp = lambda r: dict(rank=r, size=self.tp, master_address=host, master_port=port)  # noqa: E731
+            group = dict(size=self.tp, master_address=host, master_port=port,
+                         secret=new_secret())  # one per replica's group, handed only to its ranks
+            tp = lambda r: dict(rank=r, **group)  # noqa: E731
         config = self.config.model_dump()
         versions = self._get(replica, [a.start.remote(config, tp and tp(r)) for r, a in enumerate(actors)])
         self.replica_versions[replica] = versions[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rollout import RolloutEngine, SamplingParams
-from weight_sync import free_port
+from weight_sync import free_port, new_secret
 from worker.parallel import TensorParallelInit
 
 PROMPTS = [[4, 8, 15, 16, 23, 42], [99] * 21, [7]]
@@ -21,12 +21,16 @@ def run(path, tensor_parallel=None, size=1):
             for params in (GREEDY, SAMPLED) for o in engine.generate(PROMPTS, params, use_tqdm=False)]
 
 
-def _rank(path, rank, port, queue):
+def tp_init(rank, port, secret, **fields):
+    return TensorParallelInit(rank=rank, size=2, master_port=port, secret=secret, **{"timeout_s": 60, **fields})
+
+
+def _rank(path, rank, port, secret, queue):
     import torch
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, run(path, TensorParallelInit(rank=rank, size=2, master_port=port, timeout_s=60), 2)))
+        queue.put((rank, run(path, tp_init(rank, port, secret), 2)))
     except Exception as exc:  # noqa: BLE001 - reported to the test
         queue.put((rank, exc))
 
@@ -35,8 +39,8 @@ def _rank(path, rank, port, queue):
 def test_two_ranks_match_one(checkpoint_dir, variant):
     path = checkpoint_dir(variant)
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    ranks = [ctx.Process(target=_rank, args=(path, r, port, queue)) for r in range(2)]
+    queue, port, secret = ctx.Queue(), free_port(), new_secret()
+    ranks = [ctx.Process(target=_rank, args=(path, r, port, secret, queue)) for r in range(2)]
     for p in ranks:
         p.start()
     results = dict(queue.get(timeout=120) for _ in ranks)
@@ -57,19 +61,19 @@ def test_tensor_parallel_size_needs_a_rank(checkpoint_dir):
 
 
 def test_heads_must_divide(checkpoint_dir):
-    init = TensorParallelInit(rank=0, size=3, master_port=free_port(), timeout_s=5)
+    init = TensorParallelInit(rank=0, size=3, master_port=free_port(), timeout_s=5, secret=new_secret())
     with pytest.raises(Exception, match=r"tensor_parallel_size=3 must divide num_attention_heads \(4\)"):
         RolloutEngine(model=str(checkpoint_dir("qwen3")), device="cpu", tensor_parallel_size=3,
                       tensor_parallel=init)
 
 
-def _rank_receiving(path, rank, port, info, queue):
+def _rank_receiving(path, rank, port, secret, info, queue):
     import torch
 
     torch.set_num_threads(1)
     try:
         engine = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8, tensor_parallel_size=2,
-                               tensor_parallel=TensorParallelInit(rank=rank, size=2, master_port=port, timeout_s=60))
+                               tensor_parallel=tp_init(rank, port, secret))
         engine.init_weight_transfer(info)
         version = engine.update_weights()
         outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -111,8 +115,8 @@ def test_update_reaches_every_rank(checkpoint_dir, fmt):
     weights = load_reference(new) if fmt == "checkpoint" else rank_shards(fresh, 2)
     info = TransferInitInfo.local("gloo", world_size=3, timeout_s=60)
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    ranks = [ctx.Process(target=_rank_receiving, args=(old, r, port, info, queue)) for r in range(2)]
+    queue, port, secret = ctx.Queue(), free_port(), new_secret()
+    ranks = [ctx.Process(target=_rank_receiving, args=(old, r, port, secret, info, queue)) for r in range(2)]
     for p in ranks:
         p.start()
     sender = WeightSender(info)

@@ -1,12 +1,13 @@
 """Weight sync over gloo between a trainer process and the engine (CPU, two processes)."""
 
+import threading
 import time
 
 import pytest
 import torch
 
 from checkpoints import load_reference
-from rollout import CheckpointError, WeightsInvalidError, WeightTransferError, WeightUpdateRejected
+from rollout import CheckpointError, TransferInitInfo, WeightsInvalidError, WeightTransferError, WeightUpdateRejected
 from sync_helpers import GREEDY, PROMPTS, connect, engine_for, greedy, kernel_tensors, sync
 from trainer_process import TrainerError, TrainerProcess
 
@@ -113,6 +114,10 @@ def test_killed_sender_leaves_engine_refusing_until_a_complete_update(trainer, o
     with pytest.raises(WeightsInvalidError, match="half-written by a failed update"):
         engine.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert engine.weight_version == 0
+    start = time.monotonic()
+    with pytest.raises(WeightTransferError, match="broke in an earlier update .* join a new one"):
+        engine.update_weights()  # said at once, not after a wait on a dead trainer
+    assert time.monotonic() - start < 2.0
     connect(trainer, engine)
     assert sync(trainer, engine, {"checkpoint": str(new)}, version=1) == [1, 1]
     assert greedy(engine) == expected_new
@@ -228,3 +233,41 @@ def test_trainer_that_stops_waiting_calls_the_update_off(trainer, old_and_new):
     assert engine.weight_version == 0 and greedy(engine) == expected_old
     assert sync(trainer, engine, {"checkpoint": str(new)}, version=1) == [1, 1]
     assert greedy(engine) == expected_new
+
+
+def test_killed_trainer_is_reported_as_gone_at_once(old_and_new):
+    old, new, _, _ = old_and_new
+    engine = engine_for(old)
+    doomed = TrainerProcess()
+    try:
+        connect(doomed, engine, timeout_s=60.0)
+        outcome = {}
+
+        def wait_for_update():
+            try:
+                engine.update_weights()
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome["error"] = exc
+
+        waiter = threading.Thread(target=wait_for_update)
+        waiter.start()
+        doomed.process.kill()
+        start = time.monotonic()
+        waiter.join(30)
+    finally:
+        doomed.close()
+    assert time.monotonic() - start < 30  # long before the group's 60 s timeout
+    message = str(outcome["error"])
+    assert isinstance(outcome["error"], WeightTransferError)
+    assert "lost the group after" in message and "the trainer's next update" in message
+    assert "gave up" not in message
+
+
+def test_nobody_listening_fails_within_the_timeout_without_native_traces(old_and_new, capfd):
+    engine = engine_for(old_and_new[0])
+    info = TransferInitInfo.local("gloo", timeout_s=2)
+    start = time.monotonic()
+    with pytest.raises(WeightTransferError, match=r"nobody accepted a connection at 127.0.0.1:\d+ within 2s"):
+        engine.init_weight_transfer(info)
+    assert 1.9 < time.monotonic() - start < 4.5
+    assert "frame #" not in capfd.readouterr().err

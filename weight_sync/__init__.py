@@ -3,7 +3,7 @@
 from weight_sync.buckets import Bucket, Slot, flat_offsets, plan_buckets
 from weight_sync.endpoints import Receiver, Sender
 from weight_sync.errors import WeightTransferError, WeightUpdateRejected
-from weight_sync.protocol import TensorMeta, TransferInitInfo, UpdateInfo, free_port
+from weight_sync.protocol import TensorMeta, TransferInitInfo, UpdateInfo, free_port, new_secret
 from weight_sync.together import run_together
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "WeightUpdateRejected",
     "flat_offsets",
     "free_port",
+    "new_secret",
     "plan_buckets",
     "run_together",
 ]

@@ -1,13 +1,16 @@
-"""The control channel of a group: a TCP store hosted by the trainer (rank 0).
+"""The control channel of a group: the trainer-hosted group store (see group_store.py).
 
 It carries the rendezvous and, per update, the handshake: the trainer posts the
 UpdateInfo, every engine worker answers with an Ack (accepted or the reason it
 refused) before any byte moves, and again when it has applied the update. Every
-wait gives up after the group's timeout with a WeightTransferError.
+wait gives up after the group's timeout with a WeightTransferError that says
+what was awaited, for how long, and whether it timed out or the other side went
+away. Only members holding the group's secret get in.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import TypeVar
 
@@ -15,6 +18,7 @@ import torch.distributed as dist
 from pydantic import BaseModel
 
 from weight_sync.errors import WeightTransferError
+from weight_sync.group_store import GroupStore, StoreError, StoreTimeout
 from weight_sync.protocol import Ack, TransferInitInfo
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,14 +34,11 @@ class Channel:
         self.rank = rank
         self.timeout = timedelta(seconds=info.timeout_s)
         try:
-            store = dist.TCPStore(info.master_address, info.master_port, is_master=rank == 0,
-                                  timeout=self.timeout, wait_for_workers=False)
-        except Exception as exc:  # noqa: BLE001 - the store raises several kinds
-            where = f"{info.master_address}:{info.master_port}"
-            what = "listen on" if rank == 0 else "reach the trainer's store at"
-            raise WeightTransferError(f"rank {rank} could not {what} {where} within {info.timeout_s}s: {exc}") from exc
-        self.raw_store = store
-        self.store = dist.PrefixStore(f"{info.group_name}/", store)
+            self.group_store = GroupStore(info.master_address, info.master_port, info.secret.get_secret_value(),
+                                          rank, self.timeout, is_host=rank == 0)
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {rank} could not join the weight-transfer group: {exc}") from None
+        self.store = dist.PrefixStore(f"{info.group_name}/", self.group_store)
 
     @property
     def receivers(self) -> range:
@@ -46,29 +47,49 @@ class Channel:
 
     def join(self) -> None:
         """Wait until every rank of the group has arrived."""
-        self.store.set(f"joined/{self.rank}", "1")
-        self.wait([f"joined/{r}" for r in range(self.info.world_size)], "every rank to join the group")
+        try:
+            self.group_store.meet(self.info.world_size, f"weight-transfer group {self.info.group_name!r}")
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {self.rank}: {exc}") from None
 
     def wait(self, keys: list[str], what: str) -> None:
+        start = time.monotonic()
         try:
             self.store.wait(keys, self.timeout)
-        except Exception as exc:  # noqa: BLE001
-            raise WeightTransferError(f"rank {self.rank} gave up waiting for {what} after "
-                                      f"{self.info.timeout_s}s: {exc}") from exc
+        except StoreTimeout:
+            raise WeightTransferError(f"rank {self.rank} gave up waiting for {what} after {self.info.timeout_s:g}s "
+                                      f"(the group's timeout_s)") from None
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {self.rank} lost the group after {time.monotonic() - start:.1f}s of "
+                                      f"waiting for {what}: {exc}") from None
 
     def post(self, key: str, message: BaseModel | str) -> None:
         text = message if isinstance(message, str) else message.model_dump_json()
         try:
             self.store.set(key, text)
-        except Exception as exc:  # noqa: BLE001
-            raise WeightTransferError(f"rank {self.rank} lost the group's store: {exc}") from exc
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {self.rank} could not post {key!r}: {exc}") from None
+
+    def check(self, key: str) -> bool:
+        """Whether `key` has been posted (without waiting)."""
+        try:
+            return self.store.check([key])
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {self.rank} lost the group: {exc}") from None
 
     def get(self, key: str, what: str, cls: type[M] | None = None) -> M | str:
         self.wait([key], what)
-        text = self.store.get(key).decode()
+        try:
+            text = self.store.get(key).decode()
+        except StoreError as exc:
+            raise WeightTransferError(f"rank {self.rank} lost the group: {exc}") from None
         return text if cls is None else cls.model_validate_json(text)
 
     def acks(self, key: str, what: str) -> list[str]:
         """Collect every worker's Ack under `key`/<rank>; the reasons of those that refused."""
         answers = [self.get(f"{key}/{r}", what, Ack) for r in self.receivers]
         return [f"rank {r}: {a.error}" for r, a in zip(self.receivers, answers) if not a.ok]
+
+    def close(self) -> None:
+        """Leave the group's store (on the trainer: stop serving it, so waiting members learn at once)."""
+        self.group_store.close()

@@ -80,12 +80,15 @@ class Receiver:
 
     def next_update(self, expected: Optional[UpdateInfo] = None) -> UpdateInfo:
         """Wait for the trainer's next announced update; refuse it if it is not `expected`."""
+        if self.transport.broken:
+            raise WeightTransferError(f"rank {self.rank}'s weight-transfer group broke in an earlier update "
+                                      f"({self.transport.broken}); join a new one with init_weight_transfer")
         while True:
             key = f"u/{self._updates}"
             announced = self.channel.get(f"{key}/info", "the trainer's next update (call send on the trainer)",
                                          Announcement)
             self._updates += 1
-            if not self.channel.store.check([f"{key}/go"]):  # already decided: called off before we looked
+            if not self.channel.check(f"{key}/go"):  # already decided: called off before we looked
                 break
         self._key = key
         if announced.update is None:

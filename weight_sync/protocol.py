@@ -6,12 +6,13 @@ Messages are pydantic models, sent as JSON over the group's TCP store (never pic
 from __future__ import annotations
 
 import math
+import secrets
 import socket
 from collections import Counter
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
 ITEMSIZE = {name: getattr(torch, name).itemsize for name in FLOAT_DTYPES}
@@ -67,11 +68,15 @@ class TensorMeta(BaseModel):
 class TransferInitInfo(BaseModel):
     """How to join a weight-transfer group: rank 0 is the trainer, ranks from `rank_offset` the engine's workers.
 
-    The trainer hosts the group's TCP store at master_address:master_port. Every
-    wait (joining, handshakes, each bucket) gives up after `timeout_s`.
+    The trainer hosts the group's store on exactly master_address:master_port.
+    Every member proves `secret` before the store lets it in (a random one is
+    made when the info is built: build it once, on the trainer side, and hand the
+    same object to the engine; it survives pickling, e.g. through Ray, but JSON
+    dumps mask it). Every wait (joining, handshakes, each bucket) gives up after
+    `timeout_s`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # inputs may hold the secret
 
     backend: Literal["nccl", "ipc", "gloo"] = Field(
         description="'nccl': broadcast between GPUs; 'ipc': trainer and engine share GPUs (CUDA IPC); 'gloo': CPU."
@@ -82,6 +87,8 @@ class TransferInitInfo(BaseModel):
     rank_offset: int = Field(1, ge=1, description="Group rank of the engine's first worker (its workers follow).")
     timeout_s: float = Field(120.0, gt=0, description="Longest wait for the other side at any point of a transfer.")
     group_name: str = Field("weight_sync", min_length=1, description="Namespace of the group's keys in the store.")
+    secret: SecretStr = Field(default_factory=lambda: new_secret(), min_length=16, repr=False,
+                              description="Shared by the members of the group; never logged or shown.")
 
     @model_validator(mode="after")
     def _check_ranks(self) -> "TransferInitInfo":
@@ -128,6 +135,11 @@ class Ack(BaseModel):
 
     ok: bool
     error: str = ""
+
+
+def new_secret() -> SecretStr:
+    """A fresh random group secret."""
+    return SecretStr(secrets.token_urlsafe(32))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from weight_sync.buckets import Bucket, buffer_bytes, slot_view
 from weight_sync.channel import Channel
 from weight_sync.errors import WeightTransferError
+from weight_sync.group_store import gloo_group
 from weight_sync.protocol import TransferInitInfo, torch_dtype
 
 Apply = Callable[[Bucket, torch.Tensor], None]
@@ -74,7 +75,9 @@ class Transport:
         """Block until everything queued has finished, or raise WeightTransferError by the timeout."""
 
     def close(self) -> None:
+        """Leave the group: free the staging buffers and the store connection (the trainer stops hosting it)."""
         self._staging = []
+        self.channel.close()
 
 
 class GlooTransport(Transport):
@@ -84,8 +87,8 @@ class GlooTransport(Transport):
         super().__init__(channel, torch.device("cpu"))
         info = channel.info
         try:
-            self.group = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", channel.store), channel.rank,
-                                               info.world_size, channel.timeout)
+            self.group = gloo_group(dist.PrefixStore("gloo/", channel.store), channel.rank, info.world_size,
+                                    channel.timeout, info.master_address)
         except Exception as exc:  # noqa: BLE001
             raise WeightTransferError(f"rank {channel.rank} could not form the gloo group: {exc}") from exc
         self._works: dict[int, object] = {}
@@ -139,14 +142,18 @@ def open_transport(info: TransferInitInfo, rank: int, device: torch.device) -> T
 
         _nccl()
     channel = Channel(info, rank)
-    channel.join()
-    if info.backend == "gloo":
-        return GlooTransport(channel)
-    if info.backend == "nccl":
-        return NcclTransport(channel, device)
-    from weight_sync.ipc import IpcTransport
+    try:
+        channel.join()
+        if info.backend == "gloo":
+            return GlooTransport(channel)
+        if info.backend == "nccl":
+            return NcclTransport(channel, device)
+        from weight_sync.ipc import IpcTransport
 
-    return IpcTransport(channel, device)
+        return IpcTransport(channel, device)
+    except BaseException:
+        channel.close()  # the trainer stops listening; nothing of a half-formed group stays open
+        raise
 
 
 def send_buckets(transport: Transport, key: str, buckets: list[Bucket], tensors: Iterator[torch.Tensor]) -> None:

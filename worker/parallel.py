@@ -3,8 +3,9 @@
 Every rank of a group runs the same engine loop on the same requests (SPMD), so
 each step's batch is identical everywhere and only activations travel: an
 all-reduce after row-parallel layers and the embedding, an all-gather of the
-logits (so every rank samples the same tokens). The group is our own (TCP store
-rendezvous, gloo on CPU, NCCL on CUDA) and never touches a default process group.
+logits (so every rank samples the same tokens). The group is our own (gloo on
+CPU, NCCL on CUDA, meeting through a store hosted by rank 0 that admits only
+ranks holding the group's secret) and never touches a default process group.
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from weight_sync.group_store import GroupStore, StoreError, gloo_group
 
 
 class TensorParallelInit(BaseModel):
     """Where the ranks of one tensor-parallel group meet (set by an executor, one per rank)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # inputs may hold the secret
 
     rank: int = Field(ge=0)
     size: int = Field(ge=1)
-    master_address: str = "127.0.0.1"
-    master_port: int = Field(ge=1, le=65535, description="TCP store port, hosted by rank 0.")
+    master_address: str = Field("127.0.0.1", description="Rank 0's host; its store listens on exactly this address.")
+    master_port: int = Field(ge=1, le=65535, description="Port of the group's store, hosted by rank 0.")
     timeout_s: float = Field(300.0, gt=0)
+    secret: SecretStr = Field(min_length=16, repr=False,
+                              description="The same for every rank (e.g. weight_sync.protocol.new_secret()); a rank "
+                                          "without it is refused.")
 
 
 def check_divides(size: int, dims: dict[str, int]) -> None:
@@ -52,15 +58,23 @@ class TensorParallel:
         if init.rank >= init.size:
             raise ValueError(f"tensor-parallel rank {init.rank} is outside a group of size {init.size}")
         timeout = timedelta(seconds=init.timeout_s)
-        store = dist.TCPStore(init.master_address, init.master_port, is_master=init.rank == 0, timeout=timeout,
-                              wait_for_workers=False)
+        try:
+            store = GroupStore(init.master_address, init.master_port, init.secret.get_secret_value(), init.rank,
+                               timeout, is_host=init.rank == 0)
+        except StoreError as exc:
+            raise RuntimeError(f"tensor-parallel rank {init.rank} could not join its group: {exc}") from None
+        try:
+            store.meet(init.size, "tensor-parallel group")
+        except StoreError as exc:
+            store.close()
+            raise RuntimeError(f"tensor-parallel rank {init.rank} could not join its group: {exc}") from None
         prefixed = dist.PrefixStore("tp/", store)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             group = dist.ProcessGroupNCCL(prefixed, init.rank, init.size, options)
         else:
-            group = dist.ProcessGroupGloo(prefixed, init.rank, init.size, timeout)
+            group = gloo_group(prefixed, init.rank, init.size, timeout, init.master_address)
         tp = cls(init.rank, init.size, group)
         tp._store = store  # the store must outlive the group
         return tp

@@ -1,0 +1,137 @@
+"""Who may join a group: the group store binds only its address and admits only holders of the secret.
+
+Transport-independent (the store carries every backend's rendezvous), so tested over gloo on CPU.
+"""
+
+import logging
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from checkpoints import load_reference
+from rollout import TransferInitInfo, WeightTransferError, run_together
+from sync_helpers import engine_for, greedy
+from trainer_adapters import WeightSender
+from weight_sync import free_port, new_secret
+from weight_sync.channel import Channel
+from weight_sync.group_store import MAGIC, GroupStore, StoreError
+from worker.parallel import TensorParallel, TensorParallelInit
+
+
+def raw_tcpstore_client(port: int) -> str:
+    """What torch's own TCPStore client (the attacker of the issue) gets from the group's port."""
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1),
+                              wait_for_workers=False)
+        return store.get("weight_sync/joined/0").decode()
+    except Exception as exc:  # noqa: BLE001 - the test wants it to fail, whatever the kind
+        return f"refused: {type(exc).__name__}"
+
+
+def test_stranger_with_the_port_but_no_secret_gets_nothing(old_and_new, caplog):
+    old, new, _, expected_new = old_and_new
+    info = TransferInitInfo.local("gloo", timeout_s=20)
+    secret = info.secret.get_secret_value()
+    engine = engine_for(old)
+    stranger_info = info.model_copy(update={"secret": new_secret()})
+    attempts = {}
+
+    def engine_side():
+        attempts["tcpstore"] = raw_tcpstore_client(info.master_port)
+        with pytest.raises(WeightTransferError, match="refused rank 1: it did not prove the group secret") as err:
+            Channel(stranger_info, rank=1)
+        attempts["wrong secret"] = str(err.value)
+        with pytest.raises(OSError):  # the store listens on 127.0.0.1 only, not on every address of the host
+            socket.create_connection(("127.0.0.2", info.master_port), timeout=2).close()
+        engine.init_weight_transfer(info)
+
+    with caplog.at_level(logging.WARNING, logger="weight_sync.group_store"):
+        sender, _ = run_together(lambda: WeightSender(info), engine_side)
+    try:
+        run_together(lambda: sender.send(load_reference(new), version=1, bucket_bytes=8192),
+                     lambda: engine.update_weights())
+    finally:
+        sender.close()
+    assert attempts["tcpstore"].startswith("refused")
+    assert greedy(engine) == expected_new  # the legitimate member was served as usual
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("claiming rank 1: it did not prove the group secret" in r for r in refusals)
+    assert any("did not speak the group protocol" in r for r in refusals)
+    everything_said = " ".join(refusals) + attempts["wrong secret"] + repr(info) + str(info) + info.model_dump_json()
+    assert secret not in everything_said and secret[:8] not in everything_said
+
+
+def test_wrong_secret_is_a_clear_error_on_both_sides():
+    info = TransferInitInfo.local("gloo", timeout_s=2)
+    engine_info = info.model_copy(update={"secret": new_secret()})
+    outcome = {}
+
+    def side(name, call):
+        def run():
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome[name] = exc
+        return run
+
+    run_together(side("trainer", lambda: WeightSender(info)), side("engine", lambda: Channel(engine_info, rank=1)))
+    assert isinstance(outcome["engine"], WeightTransferError)
+    assert "did not prove the group secret" in str(outcome["engine"])
+    trainer_error = str(outcome["trainer"])
+    assert isinstance(outcome["trainer"], WeightTransferError)
+    assert "rank(s) [1]" in trainer_error and "did not join within 2s" in trainer_error
+    assert "refused 1 connection(s)" in trainer_error and "claiming rank 1" in trainer_error
+
+
+def test_a_fake_host_is_not_trusted():
+    """A service on the port that does not know the secret cannot pose as the trainer (no weights from it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def impostor():
+        conn, _ = listener.accept()
+        with conn:
+            from weight_sync.group_store import _recv, _send
+
+            _send(conn, MAGIC, b"n" * 32)
+            _recv(conn, 1024)
+            _send(conn, b"ok", b"x" * 32)  # claims to accept, but cannot prove the secret
+            time.sleep(1)
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    with pytest.raises(StoreError, match="did not prove the group secret: it is not this group's host"):
+        GroupStore("127.0.0.1", port, new_secret().get_secret_value(), 1, timedelta(seconds=5), is_host=False)
+    listener.close()
+
+
+def test_tensor_parallel_rank_with_a_wrong_secret_is_refused():
+    port = free_port()
+    inits = [TensorParallelInit(rank=r, size=2, master_port=port, timeout_s=2, secret=new_secret()) for r in range(2)]
+    outcome = {}
+
+    def join(rank):
+        def run():
+            try:
+                TensorParallel.join(inits[rank], torch.device("cpu"))
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome[rank] = exc
+        return run
+
+    run_together(join(0), join(1))
+    assert "refused rank 1: it did not prove the group secret" in str(outcome[1])
+    assert "rank(s) [1] of the tensor-parallel group did not join" in str(outcome[0])
+    assert "claiming rank 1" in str(outcome[0])
+
+
+def test_secrets_must_be_long_and_are_not_shown_in_errors():
+    with pytest.raises(ValueError) as err:
+        TransferInitInfo(backend="gloo", master_port=5000, secret="hunter2-short")
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ValueError):
+        TensorParallelInit(rank=0, size=2, master_port=5000)  # every rank must be given the group's secret
