@@ -4,6 +4,7 @@ Transport-independent (the store carries every backend's rendezvous), so tested 
 """
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from trainer_adapters import WeightSender
 from weight_sync import free_port, new_secret
 from weight_sync.channel import Channel
 from weight_sync.group_store import MAGIC, GroupStore, StoreError
+from weight_sync.transport import open_transport
 from worker.parallel import TensorParallel, TensorParallelInit
 
 
@@ -135,3 +137,39 @@ def test_secrets_must_be_long_and_are_not_shown_in_errors():
     assert "hunter2" not in str(err.value)
     with pytest.raises(ValueError):
         TensorParallelInit(rank=0, size=2, master_port=5000)  # every rank must be given the group's secret
+
+
+def listening_sockets() -> set[tuple[str, str]]:
+    """(inode, address) of this process's listening TCP sockets, IPv4 and IPv6 (from /proc, Linux)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/self/net/{table}") as rows:
+            for line in list(rows)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                    raw = bytes.fromhex(fields[1].split(":")[0])
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word byte order
+                    found.add((fields[9], socket.inet_ntop(family, words)))
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/net/tcp"), reason="reads Linux's socket table")
+def test_a_loopback_group_listens_on_loopback_only():
+    before = listening_sockets()
+    info = TransferInitInfo.local("gloo", timeout_s=20)
+    ends = run_together(lambda: open_transport(info, 0, torch.device("cpu")),
+                        lambda: open_transport(info, 1, torch.device("cpu")))
+    try:
+        opened = {address for _, address in listening_sockets() - before}
+        assert opened == {"127.0.0.1"}  # the store and gloo's own sockets; nothing on 0.0.0.0 or the host's address
+    finally:
+        for end in ends:
+            end.close()
