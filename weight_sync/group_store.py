@@ -108,6 +108,7 @@ class StoreServer:
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             if not self._admit(conn, f"{peer[0]}:{peer[1]}"):
                 return
@@ -241,6 +242,7 @@ class GroupStore(dist.Store):
                                      f"{self._timeout.total_seconds():g}s ({exc.strerror or exc})") from None
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
             self._handshake(sock)
             sock.settimeout(None)
