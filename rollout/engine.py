@@ -6,7 +6,7 @@ import random
 from contextlib import contextmanager
 import threading
 from pathlib import Path
-from typing import Iterable, Optional, Sequence as Seq, Union
+from typing import Iterable, Mapping, Optional, Sequence as Seq, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from rollout.validation import check_requests, load_eos_token_ids, load_tokenize
 from weight_sync import TransferInitInfo, UpdateInfo
 from worker.memory.report import MemoryReport
 from worker.parallel import TensorParallelInit
+from worker.updates import requested_version
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
@@ -150,23 +151,25 @@ class RolloutEngine:
             text=text,
         )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: Optional[int] = None,
-                     pause_mode: PauseMode = "wait") -> int:
-        """Load checkpoint-format (Hugging Face name, tensor) pairs into the live model.
+    def load_weights(self, weights: Union[Iterable[tuple[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+                     version: Optional[int] = None, pause_mode: PauseMode = "wait") -> int:
+        """Load checkpoint-format (Hugging Face name, tensor) pairs, or a dict of them, into the live model.
 
-        Any subset of the model's tensors may be given. All are checked (names,
-        shapes, floating dtype) before any is copied, so a rejected update leaves
-        the old weights serving. `version` must be newer than `weight_version`
-        (default: one more). May be called from another thread while generate()
-        runs: it lands between two steps as `pause_mode` says ("wait", "keep" or
-        "abort"; see the README). The prefix cache is cleared. Returns the new version.
+        Any subset of the model's tensors may be given. All are checked (pairs of a
+        str and a tensor with data, names, shapes, floating dtype; NaN / Inf with
+        `check_finite_weights`) before anything is queued or copied: a CheckpointError
+        (a ValueError for a bad `version`) leaves the old weights serving. Weights
+        holding NaN or Inf otherwise load with a RuntimeWarning naming them. `version`
+        must be an int newer than `weight_version` (default: one more). May be called
+        from another thread while generate() runs: it lands between two steps as
+        `pause_mode` says ("wait", "keep" or "abort"; see the README). The prefix
+        cache is cleared. Returns the new version.
         """
-        items = list(weights)
+        requested_version(version, self.weight_version)
+        items = self.worker.check_load(weights)
 
         def run() -> int:
-            new = self.weight_version + 1 if version is None else version
-            if new <= self.weight_version:
-                raise ValueError(f"version {new} is not newer than the serving weight_version {self.weight_version}")
+            new = requested_version(version, self.weight_version)  # again: an earlier update may have landed
             self.worker.load_weights(items)
             self._serve_version(new)
             return new

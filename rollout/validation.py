@@ -12,26 +12,50 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def load_tokenizer(model_dir: Path):
-    """The checkpoint's tokenizer, or None when it ships none."""
-    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+    """The checkpoint's tokenizer, or None when it ships none; CheckpointError naming its files if they are broken."""
+    present = [name for name in TOKENIZER_FILES if (model_dir / name).exists()]
+    if not present:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    from worker.errors import CheckpointError
+    from worker.loader import read_json
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers and tokenizers raise many types (JSONDecodeError, KeyError, Exception)
+        for name in present:
+            if name.endswith(".json"):
+                read_json(model_dir / name)  # a file that is not JSON is named alone
+        raise CheckpointError(f"the tokenizer of {model_dir} ({', '.join(present)}) cannot be loaded: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_eos_token_ids(model_dir: Path, hf_config) -> set[int]:
-    """End-of-sequence ids from generation_config.json, else from config.json."""
-    eos = None
-    if (model_dir / "generation_config.json").exists():
-        from transformers import GenerationConfig
+    """End-of-sequence ids from generation_config.json, else from config.json; CheckpointError naming the file
+    unless every eos_token_id in either is a token id below the config's vocab_size."""
+    from worker.errors import CheckpointError
+    from worker.loader import read_json
 
-        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+    found = []  # (file, eos_token_id), the one that counts first
+    generation = model_dir / "generation_config.json"
+    if generation.exists():
+        raw = read_json(generation)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{generation} must be a JSON object")
+        found.append((generation, raw.get("eos_token_id")))
+    found.append((model_dir / "config.json", getattr(hf_config, "eos_token_id", None)))
+    vocab_size = hf_config.vocab_size
+    sets = []
+    for source, eos in found:
+        ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size]
+        if bad:
+            raise CheckpointError(f"{source}: eos_token_id {eos!r} must be a token id in [0, {vocab_size}) or a "
+                                  f"list of them; not {bad}")
+        if eos is not None:
+            sets.append(set(ids))
+    return sets[0] if sets else set()
 
 
 def check_requests(prompts, sampling_params, tokenizer, vocab_size: int, max_model_len: int):

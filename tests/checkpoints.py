@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 TINY = dict(
@@ -81,3 +83,40 @@ def save_qwen3_06b_shaped(path: Path, layers: int = 4) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return Path(path)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint directory, to break or edit."""
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def edit_json(path: Path, edit) -> Path:
+    """Apply `edit` to the parsed JSON file at `path` (a dict, changed in place) and write it back."""
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def edit_tensors(checkpoint: Path, edit) -> Path:
+    """Apply `edit` to the tensor dict of a single-file checkpoint (changed in place) and save it back."""
+    tensors = load_file(checkpoint / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return checkpoint
+
+
+def shard_checkpoint(checkpoint: Path, shard_names: tuple[str, ...] = ("a.safetensors", "b.safetensors")) -> dict:
+    """Split a single-file checkpoint over `shard_names` (relative paths) with an index; returns the index dict."""
+    tensors = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {name: shard_names[i * len(shard_names) // len(names)] for i, name in enumerate(names)}
+    for shard in shard_names:
+        (checkpoint / shard).parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: tensors[n] for n, s in weight_map.items() if s == shard}, checkpoint / shard,
+                  metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index

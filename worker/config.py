@@ -39,6 +39,10 @@ class WorkerConfig(BaseModel):
         1, ge=1, description="Ranks one model is split over (one process each, started by an executor)."
     )
     enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
+    check_finite_weights: bool = Field(
+        False, description="Refuse weights holding NaN or Inf with a CheckpointError (a checkpoint at construction; "
+        "load_weights before copying, at the cost of one pass over its tensors where they live) instead of warning."
+    )
     attention_backend: Literal["auto", "reference", "triton"] = Field(
         "auto", description="'triton': Triton paged kernels (CUDA). 'reference': pure torch (CPU and GPU, the "
         "oracle). 'auto': 'triton' on CUDA, else 'reference'."

@@ -2,7 +2,8 @@
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or weight update does not fit the model: missing, unexpected or mis-shaped tensors."""
+    """A checkpoint or weight update cannot be used: unreadable files, bad config values, missing, unexpected,
+    mis-shaped or non-floating tensors, entries that are not (name, tensor) pairs."""
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -8,6 +8,7 @@ each bucket is received straight into live memory and nothing is staged.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +19,18 @@ from worker.loader import check_tensors
 from worker.memory.pool import WEIGHTS, MemoryPool
 from worker.models.llama import CausalLM
 from worker.parallel import TensorParallel
+
+
+def requested_version(version: object, serving: int) -> int:
+    """The version an in-process update will serve as: `version` (an int newer than `serving`) or, for None,
+    `serving + 1`; else ValueError."""
+    if version is None:
+        return serving + 1
+    if isinstance(version, bool) or not isinstance(version, Integral):
+        raise ValueError(f"version must be an int (or None for weight_version + 1), got {version!r}")
+    if version <= serving:
+        raise ValueError(f"version {version} is not newer than the serving weight_version {serving}")
+    return int(version)
 
 
 def kernel_names(update: UpdateInfo, tp: TensorParallel) -> dict[str, str]:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
-from transformers import AutoConfig
 
 from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected
 from worker.attention import get_attention_backend
 from worker.batch import Batch
 from worker.config import WorkerConfig
-from worker.errors import CheckpointError, EngineSleepingError, WeightsInvalidError
-from worker.loader import check_tensors, checkpoint_files, checkpoint_shapes, iter_checkpoint
+from worker.errors import EngineSleepingError, WeightsInvalidError
+from worker.loader import (check_tensors, checkpoint_files, checkpoint_headers, iter_checkpoint, load_config,
+                           named_tensors, nonfinite, report_nonfinite)
 from worker.memory import MemoryPool
 from worker.memory.pool import KV_CACHE, TAGS, WEIGHTS
 from worker.memory.report import MemoryReport, memory_report
@@ -73,11 +73,7 @@ class Worker:
 
     def load_model(self) -> None:
         """Build the kernel-format model from the checkpoint's config and load its safetensors."""
-        root = Path(self.config.model)
-        if not (root / "config.json").is_file():
-            what = "does not exist" if not root.exists() else "has no config.json"
-            raise CheckpointError(f"model {self.config.model!r} {what}; expected a Hugging Face checkpoint directory")
-        self.hf_config = AutoConfig.from_pretrained(root)
+        self.hf_config = load_config(Path(self.config.model))
         if self.tp_init is not None:
             hf = self.hf_config
             check_divides(self.tp_init.size, {name: getattr(hf, name) for name in (
@@ -102,9 +98,11 @@ class Worker:
             for key, buffer in module._buffers.items():
                 module._buffers[key] = buffer.to(self.device)
         files = checkpoint_files(self.config.model)
-        given = {name: (shape, None) for name, shape in checkpoint_shapes(files).items()}
-        self.check_weights(given, full=True, source=f"checkpoint {self.config.model}")
+        given = checkpoint_headers(files)
+        source = f"checkpoint {self.config.model}"
+        self.check_weights(given, full=True, source=source)
         self.model.load_weights(iter_checkpoint(files))
+        self._check_finite(set(given), source, refuse=self.config.check_finite_weights)
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -123,23 +121,40 @@ class Worker:
             expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
         check_tensors(expected, given, full, source)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Validate all tensors first, then copy them in; nothing is applied if any is wrong."""
-        items = list(weights)
-        if not items:
-            raise CheckpointError("load_weights got no tensors")
-        names = [name for name, _ in items]
-        if len(set(names)) != len(names):
-            raise CheckpointError("load_weights got the same tensor name more than once")
-        given = {name: (tuple(t.shape), t.dtype) for name, t in items}
-        self.check_weights(given, full=False, source="load_weights")
+    def check_load(self, weights: object) -> list[tuple[str, torch.Tensor]]:
+        """`weights` ((name, tensor) pairs or a mapping) as a list, checked without touching the live weights.
+
+        Raises CheckpointError naming every bad entry: not a (str, tensor) pair, a tensor without data, an
+        unknown name, a wrong shape, a non-floating dtype, or (with `check_finite_weights`) NaN or Inf.
+        """
+        items = named_tensors(weights, "load_weights")
+        self.check_weights({name: (tuple(t.shape), t.dtype) for name, t in items}, full=False, source="load_weights")
+        if self.config.check_finite_weights:
+            report_nonfinite(nonfinite(items, self.dtype), "load_weights", refuse=True)
+        return items
+
+    def load_weights(self, items: list[tuple[str, torch.Tensor]]) -> int:
+        """Copy pairs returned by `check_load` into the live weights; warns if they brought NaN or Inf."""
         if WEIGHTS in self.pool.asleep():
             raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
-        touched = {self.model.canonical_name(name) for name in names}
+        touched = {self.model.canonical_name(name) for name, _ in items}
         with self._marked_missing_on_failure(touched), torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in items)
         self.missing_weights -= touched
+        if not self.config.check_finite_weights:  # otherwise check_load refused them already
+            self._check_finite(touched, "load_weights", refuse=False)
         return len(items)
+
+    def _check_finite(self, names: set[str], source: str, refuse: bool) -> None:
+        """Warn about (or refuse) live weights loaded from checkpoint `names` that hold NaN or Inf (this rank's
+        part, in the engine's dtype: a value too large for float16 counts)."""
+        sources: dict[str, set[str]] = {}
+        for name in names:
+            sources.setdefault(self.model.map_name(name)[0], set()).add(name)
+        params = dict(self.model.named_parameters())
+        bad = nonfinite(((param, params[param]) for param in sorted(sources)), self.dtype)
+        report_nonfinite([p if sources[p] == {p} else f"{p} (from {', '.join(sorted(sources[p]))})" for p in bad],
+                         source, refuse)
 
     def kernel_weights(self) -> dict[str, torch.Tensor]:
         """This worker's parameters (kernel format, its tensor-parallel slices), copied to the CPU."""
