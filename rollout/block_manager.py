@@ -5,7 +5,8 @@ before it. Blocks whose tokens are computed are registered under that hash, so
 a later sequence with the same prefix (another request, or another sample of
 the same prompt) shares them instead of recomputing. Freed blocks keep their
 hash and stay findable until they are handed out again (least recently freed
-first); with prefix caching off only blocks still in use are shared.
+first). With prefix caching off, only blocks still in use are shared, and the
+full prompt blocks of a finished sample while other samples of its prompt wait.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ class BlockManager:
             block_id = self.cached.get(prev)
             if block_id is None:
                 break
-            block = self.blocks[block_id]
-            if block.token_ids != tokens or (block.ref_count == 0 and not self.enable_prefix_caching):
+            if self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
         return hits
+
+    def num_prompt_blocks(self, seq: Sequence) -> int:
+        """Full blocks of the sequence's prompt that other samples of the prompt share (all but the block of
+        the prompt's last token, which each sample computes itself to sample its first token)."""
+        return (seq.prompt_len - 1) // self.block_size
 
     def blocks_needed(self, seq: Sequence, num_new: int, hits: list[int] = ()) -> int:
         """Free blocks that scheduling `num_new` more tokens takes (cached hits that are free count too)."""
@@ -101,15 +106,20 @@ class BlockManager:
             block.hash, block.token_ids = h, tokens
             self.cached.setdefault(h, block.block_id)
 
-    def free(self, seq: Sequence) -> None:
-        """Drop the sequence's references; blocks no one uses go back to the free list (tail first)."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+    def free(self, seq: Sequence, keep_prompt: bool = False) -> None:
+        """Drop the sequence's references; blocks no one uses go back to the free list (tail first).
+
+        With prefix caching off they are forgotten, except that `keep_prompt` keeps the full prompt blocks
+        findable (until handed out again) for samples of the same prompt still to be admitted.
+        """
+        kept = self.num_prompt_blocks(seq) if keep_prompt else 0
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
             block.ref_count -= 1
             if block.ref_count == 0:
-                if not self.enable_prefix_caching:
+                if not self.enable_prefix_caching and i >= kept:
                     self._forget(block)
-                self.free_ids[block_id] = None
+                self.free_ids[block.block_id] = None
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
 
     def _forget(self, block: Block) -> None:

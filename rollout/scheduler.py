@@ -4,14 +4,17 @@ Every step has a token budget (max_num_batched_tokens) and a sequence cap
 (max_num_seqs). Running sequences go first (one token each when decoding, the
 rest of their prompt otherwise); waiting ones are admitted in arrival order
 while budget and blocks last. A prompt longer than the remaining budget is
-prefilled in chunks over several steps. When blocks run out, the most recently
-admitted running sequence is preempted: its blocks are freed and it is
-recomputed later from its prompt plus the tokens it already produced.
+prefilled in chunks over several steps. The n samples of a prompt wait while
+one of them computes the prompt's full blocks; then they are admitted together,
+each sharing those blocks (reference counts) and computing only the rest of its
+prompt. When blocks run out, the most recently admitted running sequence is
+preempted: its blocks are freed and it is recomputed later from its prompt plus
+the tokens it already produced.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from rollout.block_manager import BlockManager
@@ -36,10 +39,12 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_waiting: Counter[int] = Counter()  # group -> its sequences in `waiting`
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.num_waiting[seq.group] += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,15 +84,17 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self.num_waiting[seq.group] += 1
         self.num_preemptions += 1
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> None:
-        """Admit waiting sequences in order; the n samples of a prompt wait until one of them holds the prompt."""
-        prefilling = {s.group for s in self.running if s.num_computed < s.prompt_len}
+        """Admit waiting sequences in order; the samples of a prompt wait while one of them computes the
+        prompt's full blocks, and then all come in at once, each matching those blocks."""
+        filling = {s.group for s in self.running if self._fills_prompt(s)}
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if seq.group in prefilling:
+            if seq.group in filling:
                 deferred.append(seq)
                 continue
             hits = self.blocks.match_prefix(seq)
@@ -97,17 +104,28 @@ class Scheduler:
                 break
             self.blocks.allocate(seq, num_new, hits)
             seq.status = Status.RUNNING
+            self._count_out(seq)
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-            prefilling.add(seq.group)
+            if self._fills_prompt(seq):
+                filling.add(seq.group)
         self.waiting.extendleft(reversed(deferred))
 
+    def _fills_prompt(self, seq: Sequence) -> bool:
+        """Whether the sequence has yet to compute full prompt blocks that other samples of its prompt share."""
+        return seq.num_computed < self.blocks.num_prompt_blocks(seq) * self.blocks.block_size
+
+    def _count_out(self, seq: Sequence) -> None:
+        self.num_waiting[seq.group] -= 1
+        if not self.num_waiting[seq.group]:
+            del self.num_waiting[seq.group]
+
     def finish(self, seq: Sequence) -> None:
-        """Release a finished sequence's blocks."""
+        """Release a finished sequence's blocks (its full prompt blocks stay findable while its siblings wait)."""
         seq.status = Status.FINISHED
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self.blocks.free(seq, keep_prompt=seq.group in self.num_waiting)
 
     def abort_all(self) -> list[Sequence]:
         """Drop every sequence (used when a step fails); returns them."""
@@ -116,4 +134,5 @@ class Scheduler:
             self.blocks.free(seq)
         self.running.clear()
         self.waiting.clear()
+        self.num_waiting.clear()
         return dropped
