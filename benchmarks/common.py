@@ -37,15 +37,16 @@ def hf_names_and_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
-def write_random_checkpoint(config_json: Path, out: Path, dtype=torch.bfloat16, seed: int = 0) -> Path:
-    """A real sharded safetensors checkpoint of random weights (norms near 1), generated on the GPU."""
+def write_random_checkpoint(config_json: Path, out: Path, dtype=torch.bfloat16, seed: int = 0,
+                            device: str = "cuda") -> Path:
+    """A real sharded safetensors checkpoint of random weights (norms near 1), generated on `device`."""
     out.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.for_model(**json.loads(config_json.read_text()))
     config.save_pretrained(out)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shards, current, size, index = [], {}, 0, {}
     for name, shape in hf_names_and_shapes(config):
-        t = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32) * 0.02
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02
         current[name] = (t + 1.0 if name.endswith("norm.weight") else t).to(dtype).cpu()
         size += current[name].numel() * dtype.itemsize
         if size > 4 << 30:

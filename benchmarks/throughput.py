@@ -8,6 +8,13 @@ each after a short warm-up call; output tokens / wall seconds of one timed call.
 The roofline of a decode step is (weight bytes + KV bytes of every context read)
 / the copy bandwidth measured here; the table reports the median over full-batch
 decode rounds of (time from the round's start to the next's) / its steps.
+
+GRPO workload (issue 11): `--workload grpo` times --prompts (64) prompts x n=--n (16)
+against the same samples sent as separate prompts (each prompt --n times with n=1):
+--input-len tokens in, --output-len out, temperature 1, both on one engine in this
+run. After a warm-up call of each, the two alternate for --repeats calls each, on
+fresh random prompts every call (no prefix-cache hits across calls); it prints the
+median output tokens / s of each. `--device cpu` runs it on the CPU (e.g. a tiny config).
 """
 
 from __future__ import annotations
@@ -131,23 +138,81 @@ def workload(args, vocab: int):
     return prompts, params, args.input_len + args.output_len + 16
 
 
+def grpo_forms(args, vocab: int, rng: random.Random) -> dict[str, tuple[list[list[int]], SamplingParams]]:
+    """The two forms of one GRPO batch, each on its own fresh prompts of the same length."""
+    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+
+    def prompts() -> list[list[int]]:
+        return [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.prompts)]
+
+    return {f"{args.prompts} prompts x n={args.n}": (prompts(), params),
+            f"{args.prompts * args.n} separate prompts": ([p for p in prompts() for _ in range(args.n)],
+                                                           params.model_copy(update={"n": 1}))}
+
+
+def run_grpo(args, vocab: int) -> dict[str, float]:
+    """Median output tokens / s of each form over --repeats alternating calls, after a warm-up call of each."""
+    engine = RolloutEngine(model=args.checkpoint, dtype="bfloat16", device=args.device,
+                           max_num_seqs=args.prompts * args.n, max_model_len=args.input_len + args.output_len + 16,
+                           max_num_batched_tokens=16384, num_decode_steps=args.decode_steps)
+    rng, rates = random.Random(0), {}
+    for repeat in range(1 + args.repeats):
+        for form, (prompts, params) in grpo_forms(args, vocab, rng).items():
+            start = time.perf_counter()
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+            assert tokens == args.prompts * args.n * args.output_len
+            if repeat:
+                rates.setdefault(form, []).append(tokens / seconds)
+    engine.shutdown()
+    return {form: statistics.median(r) for form, r in rates.items()}
+
+
+def report_grpo(args, vocab: int) -> None:
+    rates = run_grpo(args, vocab)
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    facts = dict(date=time.strftime("%Y-%m-%d"), device=device, commit=git_commit(), model=Path(args.config).stem,
+                 workload="grpo", prompts=args.prompts, n=args.n, input_len=args.input_len,
+                 output_len=args.output_len, decode_steps=args.decode_steps, repeats=args.repeats, tok_s=rates)
+    print(f"model={facts['model']} device={device} commit={facts['commit']} GRPO batch: {args.input_len} in, "
+          f"{args.output_len} out, temperature 1, bf16, median of {args.repeats}")
+    print(f"{'form':<28} {'output tok/s':>13}")
+    for form, rate in rates.items():
+        print(f"{form:<28} {rate:13.0f}")
+    grouped, separate = rates.values()
+    print(f"grouped / separate: {grouped / separate:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(facts, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompts", type=int, help="default 256 (grpo: 64)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--workload", choices=["fixed", "nanovllm"], default="fixed",
-                        help="fixed: --prompts x (--input-len in, --output-len out); nanovllm: nano-vllm's bench")
+    parser.add_argument("--workload", choices=["fixed", "nanovllm", "grpo"], default="fixed",
+                        help="fixed: --prompts x (--input-len in, --output-len out); nanovllm: nano-vllm's bench; "
+                             "grpo: --prompts x n=--n against the same samples as separate prompts")
+    parser.add_argument("--n", type=int, default=16, help="samples per prompt (grpo)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each form (grpo)")
+    parser.add_argument("--device", default="cuda", help="grpo only: 'cpu' runs it without a GPU")
     parser.add_argument("--decode-steps", type=int, default=EngineConfig.model_fields["num_decode_steps"].default,
                         help="num_decode_steps of our engine")
     parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not args.device.startswith("cuda") and args.workload != "grpo":
+        parser.error("--device applies to --workload grpo only (the others measure against the GPU's roofline)")
+    args.prompts = args.prompts or (64 if args.workload == "grpo" else 256)
     if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint))
+        write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
+    if args.workload == "grpo":
+        report_grpo(args, vocab)
+        return
     prompts, params, max_len = workload(args, vocab)
     bandwidth = copy_bandwidth()
     ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len, args.decode_steps)
