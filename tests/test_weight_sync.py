@@ -271,3 +271,29 @@ def test_nobody_listening_fails_within_the_timeout_without_native_traces(old_and
         engine.init_weight_transfer(info)
     assert 1.9 < time.monotonic() - start < 4.5
     assert "frame #" not in capfd.readouterr().err
+
+
+def test_trainer_learns_at_once_that_an_engine_worker_left():
+    from trainer_adapters import WeightSender
+    from weight_sync import Receiver, run_together
+
+    info = TransferInitInfo.local("gloo", timeout_s=60)
+    sender, receiver = run_together(lambda: WeightSender(info), lambda: Receiver(info, 0, torch.device("cpu")))
+    outcome = {}
+
+    def send():
+        try:
+            sender.send({"w": torch.randn(8, 8)}, version=1)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    receiver.next_update()  # the update was announced; the worker goes away without answering
+    receiver.close()
+    start = time.monotonic()
+    thread.join(30)
+    sender.close()
+    assert time.monotonic() - start < 30  # long before the group's 60 s timeout
+    assert isinstance(outcome["error"], WeightTransferError)
+    assert "rank(s) 1 left the group" in str(outcome["error"])

@@ -95,6 +95,7 @@ class StoreServer:
         self.data: dict[bytes, bytes] = {}
         self.cond = threading.Condition()
         self.refused: list[str] = []  # who was turned away, for the host's own error messages
+        self.departed: list[str] = []  # ranks whose connection closed
         self._conns: set[socket.socket] = set()
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True, name=f"group-store:{port}").start()
@@ -110,7 +111,8 @@ class StoreServer:
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
-            if not self._admit(conn, f"{peer[0]}:{peer[1]}"):
+            rank = self._admit(conn, f"{peer[0]}:{peer[1]}")
+            if rank is None:
                 return
             with self.cond:
                 if self._closed:
@@ -125,9 +127,13 @@ class StoreServer:
             finally:
                 with self.cond:
                     self._conns.discard(conn)
+                    if not self._closed:  # a member that leaves breaks the group: its waits end now
+                        self.departed.append(rank)
+                        self.cond.notify_all()
 
-    def _admit(self, conn: socket.socket, peer: str) -> bool:
-        """The handshake: the client proves the secret for our nonce, then we prove it for theirs."""
+    def _admit(self, conn: socket.socket, peer: str) -> Optional[str]:
+        """The handshake: the client proves the secret for our nonce, then we prove it for theirs.
+        Returns the member's rank, or None if it was refused."""
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         nonce = os.urandom(32)
         try:
@@ -135,21 +141,21 @@ class StoreServer:
             parts = _recv(conn, HANDSHAKE_LIMIT)
         except (OSError, ConnectionError, struct.error) as exc:
             self._refuse(conn, peer, "?", f"it did not speak the group protocol ({exc})")
-            return False
+            return None
         if len(parts) != 4 or parts[0] != MAGIC:
             self._refuse(conn, peer, "?", "it did not speak the group protocol (a torch TCPStore client?)")
-            return False
+            return None
         _, rank, their_nonce, proof = parts
         rank_text = rank.decode(errors="replace")
         if not hmac.compare_digest(proof, _mac(self.secret, b"client", nonce, their_nonce, rank)):
             self._refuse(conn, peer, rank_text, "it did not prove the group secret (wrong or missing secret)")
-            return False
+            return None
         try:
             _send(conn, b"ok", _mac(self.secret, b"host", their_nonce, nonce))
         except OSError:
-            return False
+            return None
         conn.settimeout(None)
-        return True
+        return rank_text
 
     def _refuse(self, conn: socket.socket, peer: str, rank: str, why: str) -> None:
         note = f"a participant at {peer} claiming rank {rank}: {why}"
@@ -189,10 +195,13 @@ class StoreServer:
             if op == b"wait":
                 timeout = float(args[0])
                 keys = args[1:]
-                if self.cond.wait_for(lambda: self._closed or all(k in self.data for k in keys), timeout):
+                ready = lambda: all(k in self.data for k in keys)  # noqa: E731
+                if self.cond.wait_for(lambda: ready() or self._closed or self.departed, timeout):
+                    if ready():
+                        return [b"ok", *(self.data[k] for k in keys)]
                     if self._closed:
                         return [b"closed"]
-                    return [b"ok", *(self.data[k] for k in keys)]
+                    return [b"left", ", ".join(self.departed).encode()]
                 return [b"timeout", *(k for k in keys if k not in self.data)]
         return [b"error", b"unknown operation " + op[:32]]
 
@@ -298,6 +307,9 @@ class GroupStore(dist.Store):
         if reply[0] == b"timeout":
             missing = ", ".join(k.decode(errors="replace") for k in reply[1:])
             raise StoreTimeout(f"keys not set within {timeout.total_seconds():g}s: {missing}")
+        if reply[0] == b"left":
+            raise StoreError(f"rank(s) {reply[1].decode()} left the group (their connection to the store closed: "
+                             f"the process exited or closed the group)")
         raise StoreError(f"the group store at {self.where} was closed by its host")
 
     def add(self, key, amount: int) -> int:
