@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from rollout.demo import quiet_transformers
+
 TARGET = 7
 VOCAB = 64
 
@@ -28,7 +30,8 @@ def make_checkpoint(path: Path, seed: int = 0) -> str:
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    with quiet_transformers():
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     return str(path)
 
 
@@ -119,7 +122,8 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(self.device)
+        with quiet_transformers():
+            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.sender = None
 

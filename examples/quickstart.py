@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from rollout import RolloutEngine, SamplingParams
+from rollout.demo import quiet_transformers
 
 
 CONFIG = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -28,7 +29,8 @@ def random_model(seed: int) -> AutoModelForCausalLM:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as path:
-        random_model(seed=0).save_pretrained(path)
+        with quiet_transformers():  # no "Writing model shards" bar
+            random_model(seed=0).save_pretrained(path)
         engine = RolloutEngine(model=path, device="cpu")
         params = SamplingParams(n=2, temperature=1.0, max_tokens=8, logprobs=True, seed=1)
         for out in engine.generate([[10, 11, 12], [40, 41]], params):

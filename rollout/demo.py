@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -114,7 +114,7 @@ def build_demo_checkpoint(path: Path) -> Path:
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(tmp)
         model = _build_model(len(tokenizer), tokenizer.convert_tokens_to_ids(EOS_TOKEN))
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)
         try:
             os.rename(tmp, path)
@@ -163,8 +163,11 @@ def _build_model(vocab_size: int, eos_token_id: int) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' progress bars (e.g. "Writing model shards") for the duration."""
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars ("Writing model shards", "Loading weights") for the duration.
+
+    Wrap one `save_pretrained` / `from_pretrained` call; the previous setting is restored after.
+    """
     from transformers.utils import logging
 
     was_enabled = logging.is_progress_bar_enabled()

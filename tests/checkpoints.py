@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+from rollout.demo import quiet_transformers
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -57,7 +59,8 @@ def save_checkpoint(path: Path, variant: str = "qwen3", seed: int = 0, **overrid
     config.architectures = [config.architectures[0] if config.architectures else _arch(variant)]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
-    model.save_pretrained(path)
+    with quiet_transformers():
+        model.save_pretrained(path)
     return Path(path)
 
 
@@ -69,7 +72,8 @@ def _arch(variant: str) -> str:
 
 def load_reference(path: Path):
     """The transformers model of a saved checkpoint, fp32, eval mode."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 PROMPTS_06B = [[(37 * i + 11 * j) % 151000 for j in range(n)] for i, n in enumerate((5, 40, 1, 97))]
@@ -81,7 +85,8 @@ def save_qwen3_06b_shaped(path: Path, layers: int = 4) -> Path:
     shape = json.loads((Path(__file__).parents[1] / "benchmarks" / "models" / "qwen3-0.6b.json").read_text())
     config = AutoConfig.for_model(**{**shape, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    with quiet_transformers():
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return Path(path)
 
 
