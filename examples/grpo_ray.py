@@ -10,12 +10,17 @@ Prints, per step: mean reward, and generation / training / sync seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
-import ray
+if "ray" not in sys.modules:  # Ray reads RAY_AUTH_MODE once, when imported
+    # token authentication, Ray's own default for a local cluster it starts, stated so that Ray need not warn it
+    # chose it (RAY_AUTH_MODE=disabled opts out)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grpo_common import Trainer, connect, grpo_batch, make_checkpoint, rollout, sync  # noqa: E402

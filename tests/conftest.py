@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -43,11 +44,16 @@ def old_and_new(checkpoint_dir):
     return old, new, expected_old, expected_new
 
 
+if "ray" not in sys.modules:  # Ray reads RAY_AUTH_MODE once, when imported (test modules import it at collection)
+    # token authentication, Ray's own default for the local clusters below, stated so that Ray need not warn it chose it
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray cluster for one test module (8 logical CPUs, so several actors fit on a small machine)."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
