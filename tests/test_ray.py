@@ -21,10 +21,27 @@ def tokens(outs):
     return [[s.token_ids for s in o.samples] for o in outs]
 
 
+def created_groups() -> set[str]:
+    return {group_id for group_id, group in ray.util.placement_group_table().items() if group["state"] == "CREATED"}
+
+
+def holds_resources(group_id: str) -> bool:
+    """Whether the cluster still reserves a placement group's bundles (listed as resources like CPU_group_<id>)."""
+    return any(name.endswith(group_id) for name in ray.cluster_resources())
+
+
+def wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {timeout_s}s waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_data_parallel_matches_one_process(checkpoint_dir):
     path = str(checkpoint_dir("qwen3"))
     local = RolloutEngine(model=path, **CONFIG)
     engine = RolloutEngine(model=path, executor="ray", data_parallel_size=2, **CONFIG)
+    single = RolloutEngine(model=path, executor="ray", data_parallel_size=1, **CONFIG)
     try:
         for params in (SEEDED, GREEDY):
             outs = engine.generate(PROMPTS, params)
@@ -32,16 +49,18 @@ def test_data_parallel_matches_one_process(checkpoint_dir):
         assert [o.request_id for o in outs] == [str(i) for i in range(5, 10)]
         unseeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
         again = RolloutEngine(model=path, **CONFIG)  # a fresh engine with the same seed draws the same seeds
-        assert tokens(RolloutEngine(model=path, executor="ray", data_parallel_size=1, **CONFIG).generate(
-            PROMPTS, unseeded)) == tokens(again.generate(PROMPTS, unseeded, use_tqdm=False))
+        assert tokens(single.generate(PROMPTS, unseeded)) == tokens(again.generate(PROMPTS, unseeded, use_tqdm=False))
     finally:
         engine.shutdown()
+        single.shutdown()
 
 
 def test_tensor_parallel_actors_match_one_process(checkpoint_dir):
     path = str(checkpoint_dir("llama3"))
-    free = ray.available_resources()["CPU"]
+    before = created_groups()
     engine = RolloutEngine(model=path, executor="ray", tensor_parallel_size=2, **CONFIG)
+    (group,) = created_groups() - before  # the engine's own; other tests' groups may still be going away
+    assert holds_resources(group)
     try:
         expected = RolloutEngine(model=path, **CONFIG).generate(PROMPTS, GREEDY, use_tqdm=False)
         assert tokens(engine.generate(PROMPTS, GREEDY)) == tokens(expected)
@@ -49,10 +68,7 @@ def test_tensor_parallel_actors_match_one_process(checkpoint_dir):
             engine.update_weights(pause_mode="keep")
     finally:
         engine.shutdown()
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray.available_resources()["CPU"] == free  # the engine's placement group was freed
+    wait_until(lambda: not holds_resources(group), "the engine's placement group to be freed")
 
 
 def test_weight_update_reaches_every_worker_and_dead_actor_recovers(checkpoint_dir):
