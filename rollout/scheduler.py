@@ -135,4 +135,6 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         self.num_waiting.clear()
+        if not self.blocks.enable_prefix_caching:  # forget prompt blocks kept for samples that will not come
+            self.blocks.reset_prefix_cache()
         return dropped

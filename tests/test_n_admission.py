@@ -88,6 +88,18 @@ def test_n_samples_share_the_prompt_blocks_computed_once(caching):
         assert sched.blocks.cached == {}, "with prefix caching off the prompt stays findable only while samples wait"
 
 
+def test_kept_prompt_blocks_are_forgotten_when_the_samples_are_dropped():
+    """Prefix caching off: sample 0 ended in step 1 and its prompt blocks are kept for the 3 waiting samples;
+    dropping the requests (a failed step) forgets them, so no later request finds them."""
+    sched = scheduler(caching=False)
+    add(sched, LONG, n=4, max_tokens=1)
+    step(sched)
+    assert len(sched.blocks.cached) == 2 and sched.blocks.num_free == 400
+    sched.abort_all()
+    add(sched, LONG, n=1, max_tokens=1, group=1)
+    assert [item.num_new for item in step(sched)] == [40] and sched.blocks.num_hit_blocks == 0
+
+
 def test_siblings_take_references_not_copies():
     """Step 2 of a 16-sample request: sample 0 decodes, the 15 others compute their 8 last prompt tokens; the
     prompt's 2 full blocks are held once (16 references) and each sample has one block of its own."""
