@@ -12,8 +12,8 @@ from rollout import RolloutEngine, SamplingParams
 from rollout.block_manager import BlockManager
 from rollout.scheduler import ScheduledSeq, Scheduler
 from rollout.sequence import Sequence
-from test_seeded_sampling import LOGPROB_ATOL, Reference, assert_matches_reference
 from checkpoints import load_reference
+from test_seeded_sampling import LOGPROB_ATOL, Reference, assert_matches_reference
 
 LONG = [(11 * j + 5) % 300 + 3 for j in range(40)]  # 2 full blocks of 16 shared by the samples, 8 tokens each
 
