@@ -292,7 +292,7 @@ STOP_IDS = list(range(0, VOCAB, 4))  # a quarter of the vocabulary: stops are fr
 @pytest.mark.parametrize("min_tokens", [0, 4])
 def test_min_tokens_with_frequent_stop_tokens(ckpt, ref, min_tokens):
     count = 16
-    params = [SamplingParams(seed=100 + i, max_tokens=10, min_tokens=min_tokens, stop_token_ids=STOP_IDS,
+    params = [SamplingParams(seed=200 + i, max_tokens=10, min_tokens=min_tokens, stop_token_ids=STOP_IDS,
                              logprobs=True) for i in range(count)]
     prompts = [PROMPT[: 2 + i % 5] + [i] for i in range(count)]
     outs = make_engine(ckpt, max_num_seqs=5).generate(prompts, params, use_tqdm=False)

@@ -2,33 +2,55 @@
 
 The random numbers come from a counter-based hash of (seed, step, token id),
 so a request's samples are the same whatever else shares its batch, survive
-preemption, and need no generator state or host round trip.
+preemption, and need no generator state or host round trip. Seeds are 63-bit;
+for each step the hash keys a row on a bijection of its whole seed, so two
+different seeds never share their random numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from worker import kernels
 
 _MASK32 = 0xFFFFFFFF
+_MASK63 = (1 << 63) - 1
 _MUL = 0x45D9F3B
+_SAMPLE_STRIDE = 0x9E3779B97F4A7C15  # odd, so index * stride tells the samples of a request apart
+
+
+def sample_seed(seed: int, prompt: Sequence[int], index: int) -> int:
+    """The 63-bit seed of sample `index` of a request with `seed` (0 <= seed < 2**63) and `prompt`.
+
+    For a given prompt and index, different seeds give different sample seeds (no collisions);
+    prompts sharing a seed get unrelated ones (keyed by Python's hash of the token ids, which is
+    the same in every process).
+    """
+    return ((seed ^ (hash(tuple(prompt)) & _MASK63)) + index * _SAMPLE_STRIDE) & _MASK63
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors holding values in [0, 2**32)."""
+    """A 32-bit integer hash (a bijection) on int64 tensors holding values in [0, 2**32)."""
     x = ((x >> 16) ^ x) * _MUL & _MASK32
     x = ((x >> 16) ^ x) * _MUL & _MASK32
     return (x >> 16) ^ x
 
 
+def _row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's 64-bit key as two 32-bit halves (high, low): for a given step, a bijection of the seed."""
+    high = seeds >> 32
+    low = _mix(_mix((seeds & _MASK32) ^ _mix(high)) ^ (steps & _MASK32))
+    return _mix(high ^ low), low
+
+
 def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform (0, 1) floats [S, V], a pure function of (seed, step, column)."""
-    key = _mix(_mix((seeds & _MASK32) ^ _mix(seeds >> 32)) ^ (steps & _MASK32))
+    """Uniform (0, 1) floats [S, V], a pure function of (seed, step, column); seeds in [0, 2**63)."""
+    high, low = _row_keys(seeds, steps)
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix(key[:, None] ^ _mix(cols + 0x9E3779B9 & _MASK32)[None, :])
+    bits = _mix(high[:, None] ^ _mix(low[:, None] ^ _mix(cols + 0x9E3779B9 & _MASK32)[None, :]))
     # 23 bits: (k + 0.5) / 2**23 is exact in float32, so u stays strictly inside (0, 1)
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 

@@ -98,7 +98,9 @@ def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_p
     _, lse_scaled = _log_sum_exps(stats_ptr, row, tl.num_programs(1), MAX_CHUNKS)
     seed = tl.load(seed_ptr + row)
     mask = tl.full((), 0xFFFFFFFF, tl.int64)
-    key = _mix64(_mix64((seed & mask) ^ _mix64(seed >> 32)) ^ (tl.load(step_ptr + row) & mask)).to(tl.uint32)
+    high = seed >> 32
+    low = _mix64(_mix64((seed & mask) ^ _mix64(high)) ^ (tl.load(step_ptr + row) & mask))
+    key_high, key_low = _mix64(high ^ low).to(tl.uint32), low.to(tl.uint32)
     offs = tl.arange(0, BLOCK)
     best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     best_index = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
@@ -106,7 +108,7 @@ def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_p
     for start in range(chunk * CHUNK, end, BLOCK):
         cols = start + offs
         x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
-        bits = _mix32(key ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9))
+        bits = _mix32(key_high ^ _mix32(key_low ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9)))
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         v = (x / temp - lse_scaled) + -tl.log(-tl.log(u))
         tile_best = tl.max(v, axis=0)
