@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rollout.sampling_params import MAX_SEED
 from worker.config import WorkerConfig
 
 
@@ -15,6 +16,9 @@ class EngineConfig(WorkerConfig):
     Build it directly or pass the same fields as keyword arguments to `RolloutEngine`.
     """
 
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for requests that do not carry their own, 0 to 2**63 - 1."
+    )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences (samples) running at once.")
     max_num_batched_tokens: int = Field(
         8192, ge=1, description="Most tokens computed in one step; longer prompts are prefilled in chunks."

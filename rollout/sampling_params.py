@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import numbers
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+MAX_SEED = 2**63 - 1  # seeds are 63-bit: the sampler's hash keys each sample on them without collisions
+MAX_TOP_K = 2**31 - 1
+# The samplers (torch and Triton) divide float32 logits by the temperature; a logit past
+# 3.4e38 * temperature overflows to inf and the row's logprobs become NaN. At MIN_TEMPERATURE
+# logits up to 3.4e8 in magnitude are safe (measured: both samplers pick the greedy token with
+# finite logprobs until max |logit| / temperature reaches 3.4e38). Temperatures past 3.4e38 are
+# inf in float32; long before MAX_TEMPERATURE every distribution is uniform.
+MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = 1e30
+
+
+def is_integer(value) -> bool:
+    """An int or numpy integer; bools (and floats, strings) are not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _integer(value):
+    if not is_integer(value):
+        raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+# pydantic would turn True into 1 and "2" or 2.0 into 2; these take numbers of the right kind only
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_number)]
 
 
 class SamplingParams(BaseModel):
@@ -19,20 +52,33 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(1, ge=1, description="Completions per prompt.")
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
-    top_k: int = Field(-1, description="Keep the k most likely tokens; -1 or 0 = all.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with this much mass.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p * p(most likely).")
-    max_tokens: int = Field(16, ge=1, description="Most new tokens per completion.")
-    min_tokens: int = Field(0, ge=0, description="Stop conditions are ignored until this many tokens are out.")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end a completion.")
+    n: Int = Field(1, ge=1, description="Completions per prompt.")
+    temperature: Float = Field(
+        1.0, allow_inf_nan=False,
+        description=f"0 = greedy; else from {MIN_TEMPERATURE} to {MAX_TEMPERATURE} (smaller ones overflow float32 "
+        "logits: the largest |logit| must stay below 3.4e38 * temperature).",
+    )
+    top_k: Int = Field(-1, le=MAX_TOP_K, description="Keep the k most likely tokens; -1 or 0 = all.")
+    top_p: Float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with this much mass.")
+    min_p: Float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p * p(most likely).")
+    max_tokens: Int = Field(16, ge=1, description="Most new tokens per completion.")
+    min_tokens: Int = Field(0, ge=0, description="Stop conditions are ignored until this many tokens are out.")
+    stop_token_ids: list[Int] = Field(default_factory=list, description="Extra token ids that end a completion.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a completion (needs a tokenizer).")
     ignore_eos: bool = Field(False, description="Keep going past the model's end-of-sequence token.")
-    seed: Optional[int] = Field(None, ge=0, description="Per-request seed; None draws one from the engine's seed.")
+    seed: Optional[Int] = Field(
+        None, ge=0, le=MAX_SEED, description="Per-request seed, 0 to 2**63 - 1; None draws one from the engine's seed."
+    )
     logprobs: bool = Field(False, description="Return the logprob of every sampled token.")
     logprobs_mode: Literal["processed", "raw"] = Field("processed", description="Distribution the logprobs are of.")
-    top_logprobs: int = Field(0, ge=0, le=64, description="Also return this many most likely (token, logprob) pairs.")
+    top_logprobs: Int = Field(0, ge=0, le=64, description="Also return this many most likely (token, logprob) pairs.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, value: float) -> float:
+        if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, got {value}")
+        return value
 
     @field_validator("top_k")
     @classmethod

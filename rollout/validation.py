@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from rollout.errors import InvalidRequestError
-from rollout.sampling_params import SamplingParams
+from rollout.sampling_params import SamplingParams, is_integer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -58,16 +58,21 @@ def load_eos_token_ids(model_dir: Path, hf_config) -> set[int]:
     return sets[0] if sets else set()
 
 
-def check_requests(prompts, sampling_params, tokenizer, vocab_size: int, max_model_len: int):
-    """Token-id prompts and one SamplingParams per prompt, or InvalidRequestError naming what is wrong."""
+def check_requests(prompts, sampling_params, tokenizer, vocab_size: int, max_model_len: int,
+                   labels: Optional[list[str]] = None):
+    """Token-id prompts and one SamplingParams per prompt, or InvalidRequestError naming what is wrong.
+
+    Errors name a prompt by its label: "prompt 3" unless `labels` (one per prompt) says otherwise.
+    """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError("prompts must be a list of prompts (each a list of token ids or a string)")
-    if prompts and all(isinstance(p, int) for p in prompts):
+    if prompts and all(is_integer(p) for p in prompts):
         raise InvalidRequestError("prompts must be a list of prompts; wrap a single token-id prompt as [[...]]")
+    labels = labels or [f"prompt {i}" for i in range(len(prompts))]
     params = _per_prompt(sampling_params, len(prompts))
-    token_prompts = [_tokens(i, p, tokenizer, vocab_size, max_model_len) for i, p in enumerate(prompts)]
-    for i, p in enumerate(params):
-        _check_params(i, p, tokenizer, vocab_size)
+    token_prompts = [_tokens(label, p, tokenizer, vocab_size, max_model_len) for label, p in zip(labels, prompts)]
+    for label, p in zip(labels, params):
+        _check_params(label, p, tokenizer, vocab_size)
     return token_prompts, params
 
 
@@ -76,42 +81,55 @@ def _per_prompt(sampling_params, count: int) -> list[SamplingParams]:
         return [SamplingParams()] * count
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * count
-    params = list(sampling_params)
-    if len(params) != count:
-        raise InvalidRequestError(f"got {len(params)} SamplingParams for {count} prompts; give one, or one per prompt")
-    for i, p in enumerate(params):
+    if not isinstance(sampling_params, (list, tuple)):
+        raise InvalidRequestError(f"sampling_params must be a SamplingParams, a list of one per prompt, or None; "
+                                  f"got {type(sampling_params).__name__}")
+    if len(sampling_params) != count:
+        raise InvalidRequestError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one, or one "
+                                  f"per prompt")
+    for i, p in enumerate(sampling_params):
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError(f"sampling_params[{i}] is a {type(p).__name__}, not a SamplingParams")
-    return params
+    return list(sampling_params)
 
 
-def _tokens(i: int, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+def _tokens(label: str, prompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise InvalidRequestError(f"prompt {i} is a string, but the checkpoint has no tokenizer; pass token ids")
+            raise InvalidRequestError(f"{label}: a string, but the checkpoint has no tokenizer; pass token ids")
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)):
-        ids = list(prompt)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        ids = _token_ids(label, prompt, vocab_size)
     else:
-        raise InvalidRequestError(f"prompt {i} is a {type(prompt).__name__}; expected a list of token ids or a string")
+        raise InvalidRequestError(f"{label}: a {type(prompt).__name__}; expected a list of token ids or a string")
     if not ids:
-        raise InvalidRequestError(f"prompt {i} is empty; a prompt needs at least one token")
+        raise InvalidRequestError(f"{label}: no tokens; a prompt needs at least one")
     if len(ids) >= max_model_len:
         raise InvalidRequestError(
-            f"prompt {i} has {len(ids)} tokens; with max_model_len={max_model_len} a prompt may have at most "
+            f"{label}: {len(ids)} tokens; with max_model_len={max_model_len} a prompt may have at most "
             f"{max_model_len - 1} (room for one new token)"
         )
     return ids
 
 
-def _check_params(i: int, p: SamplingParams, tokenizer: Optional[object], vocab_size: int) -> None:
+def _token_ids(label: str, prompt, vocab_size: int) -> list[int]:
+    """The ids as ints: ints or numpy integers in [0, vocab_size); bools and floats are refused."""
+    for pos, t in enumerate(prompt):
+        if not is_integer(t):
+            raise InvalidRequestError(f"{label}: token ids must be ints; got {type(t).__name__} {t!r} "
+                                      f"at position {pos}")
+    ids = [int(t) for t in prompt]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"{label}: token ids must be in [0, {vocab_size}); got {bad[:5]}")
+    return ids
+
+
+def _check_params(label: str, p: SamplingParams, tokenizer: Optional[object], vocab_size: int) -> None:
     if p.stop and tokenizer is None:
-        raise InvalidRequestError(f"sampling_params for prompt {i} has stop strings, but the checkpoint has no tokenizer")
+        raise InvalidRequestError(f"{label}: stop strings need a tokenizer, and the checkpoint has none")
     bad = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
-        raise InvalidRequestError(f"sampling_params for prompt {i}: stop_token_ids outside [0, {vocab_size}): {bad}")
+        raise InvalidRequestError(f"{label}: stop_token_ids must be in [0, {vocab_size}); got {bad}")
     if p.top_logprobs > vocab_size:
-        raise InvalidRequestError(f"top_logprobs={p.top_logprobs} exceeds the vocabulary size {vocab_size}")
+        raise InvalidRequestError(f"{label}: top_logprobs={p.top_logprobs} exceeds the vocabulary size {vocab_size}")

@@ -1,5 +1,6 @@
 """Bad input gets a specific error before any work starts, and the engine stays usable."""
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -16,14 +17,20 @@ def engine(checkpoint_dir):
 @pytest.mark.parametrize(
     "prompts, match",
     [
-        ([[]], "prompt 0 is empty"),
-        ([[1, 2], list(range(1, 65))], "prompt 1 has 64 tokens; with max_model_len=64 a prompt may have at most 63"),
-        ([[1, 384]], r"prompt 0 has token ids outside \[0, 384\): \[384\]"),
-        ([[1, -3]], "outside"),
-        ([[1, 2.5]], "outside"),
+        ([[]], "prompt 0: no tokens"),
+        ([[1, 2], list(range(1, 65))], "prompt 1: 64 tokens; with max_model_len=64 a prompt may have at most 63"),
+        ([[1, 384]], r"prompt 0: token ids must be in \[0, 384\); got \[384\]"),
+        ([[1, -3]], r"must be in \[0, 384\); got \[-3\]"),
+        ([[1, 2], [3, 2.5]], "prompt 1: token ids must be ints; got float 2.5 at position 1"),
+        ([[1, np.float32(5.0)]], "prompt 0: token ids must be ints; got float32"),
+        ([[True, 5]], "prompt 0: token ids must be ints; got bool True at position 0"),
+        ([["5"]], "token ids must be ints; got str '5'"),
+        ([[1, None]], "token ids must be ints; got NoneType"),
+        ([[1, np.int64(384)]], r"must be in \[0, 384\)"),
         ([[1, 2, 3]][0], "wrap a single token-id prompt"),
-        (["hello"], "prompt 0 is a string, but the checkpoint has no tokenizer"),
-        ([{"ids": [1]}], "prompt 0 is a dict"),
+        ([np.int64(1), np.int64(2)], "wrap a single token-id prompt"),
+        (["hello"], "prompt 0: a string, but the checkpoint has no tokenizer"),
+        ([{"ids": [1]}], "prompt 0: a dict"),
     ],
 )
 def test_bad_prompt(engine, prompts, match):
@@ -31,6 +38,30 @@ def test_bad_prompt(engine, prompts, match):
         engine.generate(prompts, GOOD, use_tqdm=False)
     assert engine.core.has_work() is False
     assert len(engine.generate([[1, 2, 3]], GOOD, use_tqdm=False)[0].samples[0].token_ids) == 5
+
+
+def test_numpy_integer_token_ids_are_ints(engine):
+    """numpy integers are taken as the ints they hold: the same output as plain ints."""
+    ids = np.array([7, 300, 12], dtype=np.int64)
+    [out] = engine.generate([list(ids)], GOOD, use_tqdm=False)
+    assert out.prompt_token_ids == [7, 300, 12] and all(type(t) is int for t in out.prompt_token_ids)
+    assert out.samples == engine.generate([[7, 300, 12]], GOOD, use_tqdm=False)[0].samples
+
+
+@pytest.mark.parametrize(
+    "sampling_params, match",
+    [
+        ({"temperature": 0}, "sampling_params must be a SamplingParams, a list of one per prompt, or None; got dict"),
+        ("abc", "got str"),
+        (5, "got int"),
+        ([{"temperature": 0}], r"sampling_params\[0\] is a dict, not a SamplingParams"),
+        ([GOOD, GOOD], "got 2 SamplingParams for 1 prompts"),
+    ],
+)
+def test_bad_sampling_params_argument(engine, sampling_params, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.generate([[1, 2]], sampling_params, use_tqdm=False)
+    assert engine.core.has_work() is False
 
 
 @pytest.mark.parametrize(
@@ -47,6 +78,12 @@ def test_bad_prompt(engine, prompts, match):
         (dict(logprobs_mode="weird"), "logprobs_mode"),
         (dict(stop=[""]), "stop strings must be non-empty"),
         (dict(bogus=1), "bogus"),
+        (dict(n=True), "n\n.*expected an integer, got bool True"),
+        (dict(n=2.0), "expected an integer, got float 2.0"),
+        (dict(max_tokens="8"), "expected an integer, got str '8'"),
+        (dict(stop_token_ids=[3, True]), "stop_token_ids.1\n.*expected an integer, got bool"),
+        (dict(temperature="0.5"), "temperature\n.*expected a number, got str"),
+        (dict(top_p=True), "top_p\n.*expected a number, got bool"),
     ],
 )
 def test_bad_sampling_params(fields, match):
@@ -55,10 +92,10 @@ def test_bad_sampling_params(fields, match):
 
 
 def test_request_level_param_errors(engine):
-    with pytest.raises(InvalidRequestError, match="stop strings, but the checkpoint has no tokenizer"):
+    with pytest.raises(InvalidRequestError, match="prompt 0: stop strings need a tokenizer, and the checkpoint has none"):
         engine.generate([[1, 2]], SamplingParams(stop=["x"]), use_tqdm=False)
-    with pytest.raises(InvalidRequestError, match="stop_token_ids outside"):
-        engine.generate([[1, 2]], SamplingParams(stop_token_ids=[1000]), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match=r"prompt 1: stop_token_ids must be in \[0, 384\); got \[1000\]"):
+        engine.generate([[1, 2], [3]], [GOOD, SamplingParams(stop_token_ids=[1000])], use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="got 1 SamplingParams for 2 prompts"):
         engine.generate([[1], [2]], [GOOD], use_tqdm=False)
     assert engine.generate([[1], [2]], [GOOD, GOOD], use_tqdm=False)[1].samples[0].finish_reason == "length"
