@@ -139,7 +139,7 @@ def iter_checkpoint(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 yield name, f.get_tensor(name)
 
 
-def named_tensors(weights: object, source: str = "load_weights") -> list[tuple[str, torch.Tensor]]:
+def named_tensors(weights: object, source: str) -> list[tuple[str, torch.Tensor]]:
     """`weights` ((name, tensor) pairs, or a mapping name -> tensor) as a list, or CheckpointError naming every bad
     entry. Touches no tensor data."""
     if isinstance(weights, Mapping):
@@ -214,10 +214,18 @@ def check_tensors(
 
 
 def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[str]:
-    """Names of the tensors that hold NaN or Inf once cast to `dtype`, checked where they live in bounded chunks."""
-    checks = [(name, [torch.isfinite(chunk.to(dtype)).all() for chunk in t.detach().reshape(-1).split(FINITE_CHUNK)])
-              for name, t in tensors]
-    return [name for name, finite in checks if not all(bool(ok) for ok in finite)]
+    """Names of the tensors that hold NaN or Inf once cast to `dtype`: checked where they live, in bounded chunks,
+    and read back with one sync per device."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors:
+        chunks = tensor.detach().reshape(-1).split(FINITE_CHUNK)
+        flag = torch.stack([torch.isfinite(chunk.to(dtype)).all() for chunk in chunks]).all()
+        flags.setdefault(flag.device, []).append((name, flag))
+    bad = []
+    for pairs in flags.values():
+        finite = torch.stack([flag for _, flag in pairs]).tolist()
+        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
+    return bad
 
 
 def report_nonfinite(names: list[str], source: str, refuse: bool) -> None:
