@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
@@ -15,8 +16,13 @@ from rollout.sampling_params import SamplingParams
 from worker.config import DTYPES
 from worker.errors import CheckpointError, UnsupportedArchitectureError
 
+
+class UsageError(ValueError):
+    """A file named on the command line that cannot be read or written as asked."""
+
+
 USER_ERRORS = (
-    ValidationError, InvalidRequestError, CheckpointError, UnsupportedArchitectureError,
+    ValidationError, InvalidRequestError, CheckpointError, UnsupportedArchitectureError, UsageError,
     FileNotFoundError, FileExistsError,
 )
 LINE_KEYS = {"prompt", "prompt_token_ids", "sampling_params"}
@@ -96,20 +102,36 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from rollout.engine import RolloutEngine
+    from rollout.validation import check_requests
 
-    if args.output is not None and not args.output.parent.is_dir():
-        raise FileNotFoundError(f"the directory of --output {args.output} does not exist")
+    if args.output is not None:
+        check_output_path(args.output)
     defaults = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    SamplingParams(**defaults)  # a bad flag is reported once, not as an error of the first line
     requests = read_requests(args.prompts, defaults)
     engine = RolloutEngine(model=str(_checkpoint_dir(args.model)), device=args.device, dtype=args.dtype, seed=args.seed)
-    prompts = [_check_line(engine, args.prompts, *request) for request in requests]
-    params = [p for _, _, p in requests]
+    labels = [f"{args.prompts} line {line_no}" for line_no, _, _ in requests]
+    prompts, params = check_requests([prompt for _, prompt, _ in requests], [p for _, _, p in requests],
+                                     engine.tokenizer, engine.vocab_size, engine.max_model_len, labels)
     outputs = engine.generate(prompts, params, use_tqdm=sys.stderr.isatty())
     if args.output is None:
         _write(outputs, sys.stdout)
-    else:
+        return
+    try:
         with open(args.output, "w", encoding="utf-8") as f:
             _write(outputs, f)
+    except OSError as exc:
+        raise UsageError(f"cannot write --output {args.output}: {exc.strerror}") from None
+
+
+def check_output_path(path: Path) -> None:
+    """UsageError unless `path` can be written as a file: not a directory, in a writable directory."""
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {path}: the directory {path.parent} does not exist")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UsageError(f"--output {path} is not writable")
 
 
 def read_requests(path: Path, defaults: dict) -> list[tuple[int, object, SamplingParams]]:
@@ -118,16 +140,32 @@ def read_requests(path: Path, defaults: dict) -> list[tuple[int, object, Samplin
     `defaults` are SamplingParams fields; a line's "sampling_params" override them.
     """
     requests = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    requests.append((line_no, *_parse_line(line, defaults)))
-                except ValueError as exc:
-                    raise InvalidRequestError(f"{path} line {line_no}: {_one_line(exc)}") from None
+    for line_no, line in enumerate(_read_lines(path), start=1):
+        if line.strip():
+            try:
+                requests.append((line_no, *_parse_line(line, defaults)))
+            except ValueError as exc:
+                raise InvalidRequestError(f"{path} line {line_no}: {_one_line(exc)}") from None
     if not requests:
         raise InvalidRequestError(f"{path} holds no prompts")
     return requests
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines as text; UsageError if it cannot be read, InvalidRequestError naming a line not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --prompts {path}: {exc.strerror}") from None
+    lines = []
+    for line_no, raw in enumerate(raw_lines, start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(f"{path} line {line_no}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                                      f"position {exc.start + 1})") from None
+    return lines
 
 
 def _parse_line(line: str, defaults: dict) -> tuple[object, SamplingParams]:
@@ -144,22 +182,14 @@ def _parse_line(line: str, defaults: dict) -> tuple[object, SamplingParams]:
         raise ValueError('give exactly one of "prompt" (a string) or "prompt_token_ids" (a list of ints)')
     if "prompt" in item and not isinstance(item["prompt"], str):
         raise ValueError(f'"prompt" must be a string, got {type(item["prompt"]).__name__}')
+    if "prompt_token_ids" in item and not isinstance(item["prompt_token_ids"], list):
+        kind = type(item["prompt_token_ids"]).__name__
+        raise ValueError(f'"prompt_token_ids" must be a list of ints, got {kind}')
     overrides = item.get("sampling_params", {})
     if not isinstance(overrides, dict):
         raise ValueError(f'"sampling_params" must be an object, got {type(overrides).__name__}')
     prompt = item["prompt"] if "prompt" in item else item["prompt_token_ids"]
     return prompt, SamplingParams(**{**defaults, **overrides})
-
-
-def _check_line(engine, path: Path, line_no: int, prompt, params: SamplingParams) -> list[int]:
-    """The line's prompt as token ids, checked by the engine; the error names the line."""
-    from rollout.validation import check_requests
-
-    try:
-        [ids], _ = check_requests([prompt], [params], engine.tokenizer, engine.vocab_size, engine.max_model_len)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(f"{path} line {line_no}: {exc}") from None
-    return ids
 
 
 def _checkpoint_dir(model: str) -> Path:
@@ -171,13 +201,14 @@ def _checkpoint_dir(model: str) -> Path:
 
 def _write(outputs, stream: TextIO) -> None:
     for output in outputs:
-        stream.write(json.dumps(output.model_dump()) + "\n")
+        stream.write(json.dumps(output.model_dump(), allow_nan=False) + "\n")  # NaN / Infinity are not JSON
     stream.flush()
 
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                         for e in exc.errors())
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"no such file: {exc.filename}"
     return " ".join(str(exc).split())

@@ -190,7 +190,7 @@ def run_demo(
     """Sample `n` completions of `num_prompts` prompts, print what happened, return a summary dict.
 
     `model_dir` None uses the cached demo checkpoint (built on first use); any
-    checkpoint directory with a tokenizer works too.
+    checkpoint directory with a tokenizer works too (one without raises CheckpointError).
     """
     from rollout.engine import RolloutEngine
     from rollout.sampling_params import SamplingParams
@@ -199,6 +199,8 @@ def run_demo(
         raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
     is_demo = model_dir is None
     model_dir = ensure_demo_checkpoint() if is_demo else Path(model_dir)
+    if not is_demo:
+        _check_has_tokenizer(model_dir)
     params = [SamplingParams(n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens, logprobs=True, seed=i)
               for i in range(num_prompts)]
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(num_prompts)]
@@ -213,6 +215,16 @@ def run_demo(
     finally:
         engine.shutdown()
     return summary
+
+
+def _check_has_tokenizer(model_dir: Path) -> None:
+    """CheckpointError unless the checkpoint ships a tokenizer: the demo's prompts are text."""
+    from rollout.validation import load_tokenizer
+    from worker.errors import CheckpointError
+
+    if load_tokenizer(model_dir) is None:
+        raise CheckpointError(f"{model_dir} has no tokenizer (tokenizer.json), and the demo samples from text "
+                              "prompts; pick a checkpoint that ships one, or leave out --model for the demo's own")
 
 
 def _summarize(engine, model_dir: Path, outputs, wall: float) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.cli import main
+from rollout.cli import _write, main
 from rollout.demo import DEMO_PROMPTS, build_demo_checkpoint, default_demo_dir, ensure_demo_checkpoint, run_demo
+from rollout.outputs import RolloutOutput, Sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,22 +153,101 @@ def test_seed_makes_runs_reproducible_while_repeated_prompts_differ(ckpt, tmp_pa
     assert runs[0][0] != runs[0][1]
 
 
+def run_cli(argv: list, capsys) -> str:
+    """Run `rollout` on argv; it must exit 2 with one line on stderr and no traceback. Returns that line."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.parametrize("bad_line, message", [
     ('{"prompt": "unterminated"', "not valid JSON"),
     ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one of"),
     ({"prompt": "x", "sampling_params": {"top_p": 2.0}}, "top_p"),
     ({"prompt": "x", "sampling_params": {"temprature": 0.5}}, "temprature"),
-    ({"prompt_token_ids": [1, 10**6]}, "token ids outside"),
+    ({"prompt_token_ids": [1, 10**6]}, "token ids must be in [0, 1024); got [1000000]"),
+    ({"prompt_token_ids": "abc"}, '"prompt_token_ids" must be a list of ints, got str'),
+    ({"prompt_token_ids": [5, 2.0]}, "token ids must be ints; got float 2.0 at position 1"),
+    ({"prompt_token_ids": [5, True]}, "token ids must be ints; got bool True"),
+    ({"prompt_token_ids": []}, "no tokens"),
+    ({"prompt": "x", "sampling_params": {"n": True}}, "n: expected an integer, got bool True"),
+    ({"prompt": "x", "sampling_params": {"stop_token_ids": "abc"}}, "stop_token_ids: Input should be a valid list"),
+    ({"prompt": "x", "sampling_params": {"stop_token_ids": [5000]}}, "stop_token_ids must be in [0, 1024)"),
+    ({"prompt": "x", "sampling_params": {"temperature": 1e-39}}, "temperature: must be 0 (greedy) or from 1e-30"),
+    ('{"prompt": "x", "sampling_params": {"temperature": 1e999}}', "temperature: Input should be a finite number"),
+    ('{"prompt": "x", "sampling_params": {"temperature": NaN}}', "temperature: Input should be a finite number"),
+    ({"prompt": "x", "sampling_params": {"top_k": 10**30}}, "top_k: Input should be less than or equal to 2147483647"),
+    ({"prompt": "x", "sampling_params": {"seed": 2**63}}, "seed: Input should be less than or equal to"),
+    ({"prompt": "x", "sampling_params": {"seed": -1}}, "seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_line_exits_2_naming_the_line_and_writes_nothing(ckpt, tmp_path, capsys, bad_line, message):
     prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "fine"}, bad_line, {"prompt": "also fine"}])
     out = tmp_path / "out.jsonl"
-    argv = ["generate", "--model", str(ckpt), "--prompts", str(prompts), "--output", str(out), "--device", "cpu"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"{prompts} line 2:" in err and message in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    err = run_cli(["generate", "--model", ckpt, "--prompts", prompts, "--output", out, "--device", "cpu"], capsys)
+    assert f"{prompts} line 2: " in err and message in err
+    assert "prompt 0" not in err and "prompt 1" not in err
     assert not out.exists()
+
+
+def test_errors_name_the_line_of_the_file_past_blank_lines(ckpt, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, "", {"prompt_token_ids": [1, 2]}, "",
+                                                  {"prompt_token_ids": [3, 4096]}])
+    err = run_cli(["generate", "--model", ckpt, "--prompts", prompts, "--device", "cpu"], capsys)
+    assert f"{prompts} line 5: token ids must be in [0, 1024); got [4096]" in err
+
+
+def test_non_utf8_prompts_file_exits_2_naming_the_line(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    err = run_cli(["generate", "--model", ckpt, "--prompts", prompts, "--device", "cpu"], capsys)
+    assert f"{prompts} line 2: not UTF-8 text (byte 0xe9 at position 16)" in err
+
+
+def test_unusable_prompts_or_output_path_exits_2_before_loading_the_model(tmp_path, capsys):
+    """--output is checked before anything else: the (missing) checkpoint is never reached."""
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    nope = tmp_path / "nope"
+    err = run_cli(["generate", "--model", nope, "--prompts", tmp_path], capsys)
+    assert f"cannot read --prompts {tmp_path}: Is a directory" in err
+    err = run_cli(["generate", "--model", nope, "--prompts", prompts, "--output", tmp_path], capsys)
+    assert f"--output {tmp_path} is a directory" in err
+    err = run_cli(["generate", "--model", nope, "--prompts", prompts, "--output", nope / "out.jsonl"], capsys)
+    assert f"the directory {nope} does not exist" in err
+    err = run_cli(["generate", "--model", nope, "--prompts", nope / "in.jsonl"], capsys)
+    assert f"cannot read --prompts {nope / 'in.jsonl'}: No such file or directory" in err
+
+
+def test_bad_sampling_flag_is_named_once(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    err = run_cli(["generate", "--model", tmp_path, "--prompts", prompts, "--top-k", str(10**30)], capsys)
+    assert "top_k: Input should be less than or equal to 2147483647" in err and "line" not in err
+    err = run_cli(["generate", "--model", tmp_path, "--prompts", prompts, "--temperature", "inf"], capsys)
+    assert "temperature: Input should be a finite number" in err
+
+
+def test_bad_engine_seed_exits_2(ckpt, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    err = run_cli(["generate", "--model", ckpt, "--prompts", prompts, "--device", "cpu", "--seed", str(2**63)], capsys)
+    assert "seed: Input should be less than or equal to 9223372036854775807" in err
+
+
+def test_output_is_strict_json():
+    """NaN is not JSON: writing it fails loudly instead of producing a file other tools cannot read."""
+    sample = Sample(token_ids=[3], logprobs=[float("nan")], finish_reason="length", weight_version=0,
+                    token_weight_versions=[0])
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        _write([RolloutOutput(request_id="0", prompt_token_ids=[1], samples=[sample])], io.StringIO())
+
+
+def test_demo_on_a_checkpoint_without_tokenizer_says_what_the_demo_needs(ckpt, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((ckpt / name).read_bytes())
+    err = run_cli(["demo", "--model", bare], capsys)
+    assert f"{bare} has no tokenizer" in err and "demo samples from text prompts" in err
+    assert "token ids" not in err
 
 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
