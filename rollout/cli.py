@@ -200,9 +200,19 @@ def _checkpoint_dir(model: str) -> Path:
 
 
 def _write(outputs, stream: TextIO) -> None:
+    """One line of strict JSON per output: a logprob of -inf (a token the filters ruled out, listed in
+    top_logprobs) is written as null; a NaN, which JSON cannot hold either, raises ValueError."""
     for output in outputs:
-        stream.write(json.dumps(output.model_dump(), allow_nan=False) + "\n")  # NaN / Infinity are not JSON
+        stream.write(json.dumps(_null_for_minus_inf(output.model_dump()), allow_nan=False) + "\n")
     stream.flush()
+
+
+def _null_for_minus_inf(value):
+    if isinstance(value, dict):
+        return {key: _null_for_minus_inf(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_null_for_minus_inf(v) for v in value]
+    return None if value == float("-inf") else value
 
 
 def _one_line(exc: BaseException) -> str:

@@ -232,12 +232,24 @@ def test_bad_engine_seed_exits_2(ckpt, tmp_path, capsys):
     assert "seed: Input should be less than or equal to 9223372036854775807" in err
 
 
-def test_output_is_strict_json():
-    """NaN is not JSON: writing it fails loudly instead of producing a file other tools cannot read."""
-    sample = Sample(token_ids=[3], logprobs=[float("nan")], finish_reason="length", weight_version=0,
-                    token_weight_versions=[0])
+def test_output_is_strict_json(ckpt, tmp_path):
+    """JSON has no NaN or Infinity: a -inf logprob (a token top_k ruled out, asked for in top_logprobs) is
+    written as null; a NaN fails loudly instead of producing a file other tools cannot read."""
+    params = {"top_k": 2, "top_logprobs": 4, "logprobs": True, "max_tokens": 3, "seed": 1}
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "The quick brown fox", "sampling_params": params}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(ckpt), "--prompts", str(prompts), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    [line] = out.read_text().splitlines()
+    [sample] = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the output"))["samples"]
+    for position in sample["top_logprobs"]:
+        assert len(position) == 4 and sum(lp is None for lp in position.values()) == 2  # 2 tokens left by top_k
+        assert all(lp <= 0 for lp in position.values() if lp is not None)
+
+    nan = Sample(token_ids=[3], logprobs=[float("nan")], finish_reason="length", weight_version=0,
+                 token_weight_versions=[0])
     with pytest.raises(ValueError, match="not JSON compliant"):
-        _write([RolloutOutput(request_id="0", prompt_token_ids=[1], samples=[sample])], io.StringIO())
+        _write([RolloutOutput(request_id="0", prompt_token_ids=[1], samples=[nan])], io.StringIO())
 
 
 def test_demo_on_a_checkpoint_without_tokenizer_says_what_the_demo_needs(ckpt, tmp_path, capsys):
