@@ -105,7 +105,7 @@ def _generate(args: argparse.Namespace) -> None:
     from rollout.validation import check_requests
 
     if args.output is not None:
-        check_output_path(args.output)
+        _check_output_path(args.output, args.prompts)
     defaults = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     SamplingParams(**defaults)  # a bad flag is reported once, not as an error of the first line
     requests = read_requests(args.prompts, defaults)
@@ -124,10 +124,12 @@ def _generate(args: argparse.Namespace) -> None:
         raise UsageError(f"cannot write --output {args.output}: {exc.strerror}") from None
 
 
-def check_output_path(path: Path) -> None:
-    """UsageError unless `path` can be written as a file: not a directory, in a writable directory."""
+def _check_output_path(path: Path, prompts: Path) -> None:
+    """UsageError unless `path` can be written as a file: not a directory nor the prompts, in a writable directory."""
     if path.is_dir():
         raise UsageError(f"--output {path} is a directory; give a file name")
+    if path.exists() and path.resolve() == prompts.resolve():
+        raise UsageError(f"--output {path} is the --prompts file; writing would overwrite it")
     if not path.parent.is_dir():
         raise UsageError(f"--output {path}: the directory {path.parent} does not exist")
     if not os.access(path if path.exists() else path.parent, os.W_OK):

@@ -214,6 +214,8 @@ def test_unusable_prompts_or_output_path_exits_2_before_loading_the_model(tmp_pa
     assert f"--output {tmp_path} is a directory" in err
     err = run_cli(["generate", "--model", nope, "--prompts", prompts, "--output", nope / "out.jsonl"], capsys)
     assert f"the directory {nope} does not exist" in err
+    err = run_cli(["generate", "--model", nope, "--prompts", prompts, "--output", tmp_path / "." / "in.jsonl"], capsys)
+    assert "is the --prompts file; writing would overwrite it" in err
     err = run_cli(["generate", "--model", nope, "--prompts", nope / "in.jsonl"], capsys)
     assert f"cannot read --prompts {nope / 'in.jsonl'}: No such file or directory" in err
 

@@ -92,7 +92,7 @@ def test_bad_sampling_params(fields, match):
 
 
 def test_request_level_param_errors(engine):
-    with pytest.raises(InvalidRequestError, match="prompt 0: stop strings need a tokenizer, and the checkpoint has none"):
+    with pytest.raises(InvalidRequestError, match="prompt 0: stop strings need a tokenizer, and the checkpoint"):
         engine.generate([[1, 2]], SamplingParams(stop=["x"]), use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"prompt 1: stop_token_ids must be in \[0, 384\); got \[1000\]"):
         engine.generate([[1, 2], [3]], [GOOD, SamplingParams(stop_token_ids=[1000])], use_tqdm=False)
