@@ -11,10 +11,8 @@ from rollout.scheduler import ScheduledSeq, Scheduler
 from rollout.sequence import Sequence, Status
 from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
 from worker.model_runner import Round
+from worker.sampler import sample_seed
 from worker.worker import Worker
-
-_SEED_STRIDE = 0x9E3779B97F4A7C15
-_SEED_MASK = (1 << 63) - 1
 
 
 class EngineCore:
@@ -39,7 +37,6 @@ class EngineCore:
         Sample j's random numbers are keyed by (seed, prompt, j): reproducible whatever
         else is batched, and different prompts sharing one seed do not share noise.
         """
-        base = hash((seed, tuple(prompt)))
         group = self._next_group
         self._next_group += 1
         seqs = []
@@ -51,7 +48,7 @@ class EngineCore:
                 prompt_len=len(prompt),
                 token_ids=list(prompt),
                 params=params,
-                seed=(base + j * _SEED_STRIDE) & _SEED_MASK,
+                seed=sample_seed(seed, prompt, j),
                 group=group,
             )
             self._next_seq_id += 1
