@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, nargs="+", default=[0], help="0: the sender's automatic size")
     parser.add_argument("--skip-ipc", action="store_true")
+    parser.add_argument("--skip-nccl", action="store_true", help="IPC only (a one-GPU machine)")
     parser.add_argument("--json")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
@@ -150,15 +151,17 @@ def main() -> None:
     trainer.start()
     rows: list[dict] = []
     engine_kw = dict(dtype="bfloat16", kv_cache_memory_bytes=GiB, max_model_len=4096)
-    engine = RolloutEngine(model=str(checkpoint), device="cuda:1", **engine_kw)
+    engine = RolloutEngine(model=str(checkpoint), device="cuda:0" if args.skip_nccl else "cuda:1", **engine_kw)
     layout = engine.worker.pool.weight_layout
     nbytes = sum(entry.nbytes for entry in layout)
     conn.send(("kernel", [(e.name, str(e.dtype).removeprefix("torch."), e.shape) for e in layout]))
     conn.recv()
-    run_backend(conn, "nccl", engine, args, nbytes, rows)
-    engine.shutdown()
+    if not args.skip_nccl:
+        run_backend(conn, "nccl", engine, args, nbytes, rows)
+        engine.shutdown()
+        engine = None
     if not args.skip_ipc:
-        engine = RolloutEngine(model=str(checkpoint), device="cuda:0", **engine_kw)
+        engine = engine or RolloutEngine(model=str(checkpoint), device="cuda:0", **engine_kw)
         run_backend(conn, "ipc", engine, args, nbytes, rows)
     conn.send(("exit", None))
     conn.recv()
