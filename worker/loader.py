@@ -33,7 +33,6 @@ HEADER_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
 }
-FINITE_CHUNK = 1 << 26  # elements checked for NaN / Inf at once (bounds the temporary mask)
 
 
 def read_json(path: Path) -> object:
@@ -214,18 +213,24 @@ def check_tensors(
 
 
 def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[str]:
-    """Names of the tensors that hold NaN or Inf once cast to `dtype`: checked where they live, in bounded chunks,
-    and read back with one sync per device."""
-    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    """Names of the tensors that hold NaN or Inf once cast to `dtype`: one max-magnitude reduction per tensor where
+    it lives (NaN if it holds one), read back with one sync per device."""
+    peaks: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in tensors:
-        chunks = tensor.detach().reshape(-1).split(FINITE_CHUNK)
-        flag = torch.stack([torch.isfinite(chunk.to(dtype)).all() for chunk in chunks]).all()
-        flags.setdefault(flag.device, []).append((name, flag))
+        if tensor.numel():
+            peaks.setdefault(tensor.device, []).append((name, _peak(tensor.detach(), dtype)))
     bad = []
-    for pairs in flags.values():
-        finite = torch.stack([flag for _, flag in pairs]).tolist()
+    for pairs in peaks.values():
+        finite = torch.stack([peak for _, peak in pairs]).to(dtype).isfinite().tolist()
         bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
     return bad
+
+
+def _peak(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest magnitude in `tensor` (NaN if it holds one) as a float32 scalar on its device."""
+    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        tensor = tensor.to(dtype)  # float64 / float8: the norm cannot read them as float32, so cast a copy
+    return torch.linalg.vector_norm(tensor, float("inf"), dtype=torch.float32)
 
 
 def report_nonfinite(names: list[str], source: str, refuse: bool) -> None:
