@@ -22,6 +22,8 @@ from rollout.ray_actor import RankActor
 from rollout.sampling_params import SamplingParams
 from rollout.validation import check_requests, load_tokenizer
 from weight_sync import UpdateInfo, new_secret
+from worker.loader import load_config, named_tensors
+from worker.updates import requested_version
 
 
 def ray_available() -> dict:
@@ -54,9 +56,7 @@ class RayEngine:
         self._gpus = gpus
         self._pg, self._bundles = self._placement(placement_group, bundle_indices)
         self.tokenizer = load_tokenizer(Path(config.model))
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(config.model)
+        hf = load_config(Path(config.model))
         self.vocab_size = int(hf.vocab_size)
         self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)
         self._rng = random.Random(config.seed)
@@ -224,9 +224,9 @@ class RayEngine:
         """Load the same checkpoint-format tensors into every rank (sent through Ray's object store)."""
         import ray
 
-        items = ray.put(list(weights))
-        new = self.weight_version + 1 if version is None else version
+        new = requested_version(version, self.weight_version)
         self._check_pause_mode(pause_mode)
+        items = ray.put(named_tensors(weights, "load_weights"))  # checked before anything is sent
         self._fan_out("load_weights", items, new, pause_mode, record=lambda done: self._set_versions(new, done))
         return new
 

@@ -42,6 +42,8 @@ def test_update_info_rejects_bad_fields():
     good = dict(version=1, tensors=[dict(name="w", dtype="float32", shape=[2])])
     cases = [
         (dict(version=0), "greater than or equal to 1"),
+        (dict(version="5"), "valid integer"),
+        (dict(version=True), "valid integer"),
         (dict(tensors=[dict(name="w", dtype="int64", shape=[2])]), "floating point"),
         (dict(tensors=[dict(name="w", dtype="float32", shape=[-1])]), ">= 0"),
         (dict(tensors=good["tensors"] * 2), "repeated: ['w']"),

@@ -2,12 +2,14 @@
 
 import time
 
+import numpy as np
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("local_ray")
 
-from rollout import ReplicaError, RolloutEngine, SamplingParams, TransferInitInfo, run_together  # noqa: E402
+from rollout import CheckpointError, ReplicaError, RolloutEngine, SamplingParams, TransferInitInfo, run_together  # noqa: E402
 from checkpoints import load_reference  # noqa: E402
 from trainer_adapters import WeightSender  # noqa: E402
 
@@ -47,6 +49,12 @@ def test_data_parallel_matches_one_process(checkpoint_dir):
             outs = engine.generate(PROMPTS, params)
             assert tokens(outs) == tokens(local.generate(PROMPTS, params, use_tqdm=False))
         assert [o.request_id for o in outs] == [str(i) for i in range(5, 10)]
+        with pytest.raises(CheckpointError, match=r"entry 0 \(model.norm.weight\): got numpy.ndarray"):
+            engine.load_weights({"model.norm.weight": np.ones(64, dtype=np.float32)})  # refused before sending
+        with pytest.raises(ValueError, match="version must be an int"):
+            engine.load_weights({"model.norm.weight": torch.ones(64)}, version="5")
+        assert engine.weight_version == 0 and tokens(engine.generate(PROMPTS, GREEDY)) == tokens(
+            local.generate(PROMPTS, GREEDY, use_tqdm=False))
         unseeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
         again = RolloutEngine(model=path, **CONFIG)  # a fresh engine with the same seed draws the same seeds
         assert tokens(single.generate(PROMPTS, unseeded)) == tokens(again.generate(PROMPTS, unseeded, use_tqdm=False))

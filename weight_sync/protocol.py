@@ -107,7 +107,7 @@ class UpdateInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1, description="Must be newer than the engine's weight_version.")
+    version: int = Field(ge=1, strict=True, description="Must be newer than the engine's weight_version.")
     format: Literal["checkpoint", "kernel"] = Field(
         "checkpoint", description="'checkpoint': Hugging Face names; 'kernel': the engine's own parameters."
     )
