@@ -60,6 +60,9 @@ def test_stranger_with_the_port_but_no_secret_gets_nothing(old_and_new, caplog):
     finally:
         sender.close()
     assert attempts["tcpstore"].startswith("refused")
+    deadline = time.monotonic() + 10  # the server reports refusals to this process as they happen
+    while len(sender._sender.channel.group_store.server.refused) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert greedy(engine) == expected_new  # the legitimate member was served as usual
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("claiming rank 1: it did not prove the group secret" in r for r in refusals)
@@ -98,11 +101,11 @@ def test_a_fake_host_is_not_trusted():
     def impostor():
         conn, _ = listener.accept()
         with conn:
-            from weight_sync.group_store import _recv, _send
+            from weight_sync.store_server import recv_message, send_message
 
-            _send(conn, MAGIC, b"n" * 32)
-            _recv(conn, 1024)
-            _send(conn, b"ok", b"x" * 32)  # claims to accept, but cannot prove the secret
+            send_message(conn, MAGIC, b"n" * 32)
+            recv_message(conn, 1024)
+            send_message(conn, b"ok", b"x" * 32)  # claims to accept, but cannot prove the secret
             time.sleep(1)
 
     thread = threading.Thread(target=impostor, daemon=True)

@@ -7,7 +7,9 @@ given, and every connection first proves the group's secret (mutual HMAC
 challenge-response: the client proves it to the host, the host to the client,
 so neither a stranger nor a fake trainer gets anywhere). The secret never
 travels. Refused connections get a reason and nothing else, and the host
-remembers them for its own error messages.
+remembers them for its own error messages. The server runs as a small process
+of its own beside rank 0's (store_server.py), so it answers at once however busy
+rank 0's Python threads are.
 
 `GroupStore` is a `torch.distributed.Store`, so process groups (gloo, NCCL)
 rendezvous through it too. Each client holds one connection and sends one
@@ -16,13 +18,14 @@ request at a time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -30,12 +33,11 @@ from typing import Optional
 
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from weight_sync import store_server
+from weight_sync.store_server import HANDSHAKE_LIMIT, HANDSHAKE_TIMEOUT_S, MAGIC, MESSAGE_LIMIT, mac, recv_message, send_message
 
-MAGIC = b"rollout-group-store/1"
-HANDSHAKE_LIMIT = 1 << 10  # bytes a connection may send before it proved the secret
-MESSAGE_LIMIT = 1 << 30
-HANDSHAKE_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
+SERVER = store_server.__file__
 
 
 class StoreError(RuntimeError):
@@ -44,35 +46,6 @@ class StoreError(RuntimeError):
 
 class StoreTimeout(StoreError):
     """A wait on the store ended before its keys were set."""
-
-
-def _mac(secret: bytes, *parts: bytes) -> bytes:
-    return hmac.new(secret, b"|".join(parts), hashlib.sha256).digest()
-
-
-def _send(sock: socket.socket, *parts: bytes) -> None:
-    header = struct.pack(f">I{len(parts)}I", len(parts), *(len(p) for p in parts))
-    sock.sendall(header + b"".join(parts))
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(n - len(data), 1 << 20))
-        if not chunk:
-            raise ConnectionError("the connection was closed")
-        data += chunk
-    return bytes(data)
-
-
-def _recv(sock: socket.socket, limit: int) -> list[bytes]:
-    (count,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if count > 64:
-        raise ConnectionError(f"a message of {count} parts is not part of the protocol")
-    sizes = struct.unpack(f">{count}I", _recv_exact(sock, 4 * count))
-    if sum(sizes) > limit:
-        raise ConnectionError(f"a message of {sum(sizes)} bytes is over the limit of {limit}")
-    return [_recv_exact(sock, size) for size in sizes]
 
 
 def is_loopback(host: str) -> bool:
@@ -85,138 +58,42 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class StoreServer:
-    """Rank 0's side: keys in a dict, served on exactly `host:port` to clients that prove the secret."""
+class StoreHost:
+    """The group's store server, run as a child process (store_server.py) on exactly `host:port`.
+
+    Refusals it reports are logged here (warnings of this module) and kept for error messages.
+    """
 
     def __init__(self, host: str, port: int, secret: bytes):
-        self.secret = secret
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self.sock = socket.create_server((host, port), family=family, backlog=64)
-        self.data: dict[bytes, bytes] = {}
-        self.cond = threading.Condition()
-        self.refused: list[str] = []  # who was turned away, for the host's own error messages
-        self.departed: list[str] = []  # ranks whose connection closed
-        self._conns: set[socket.socket] = set()
-        self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True, name=f"group-store:{port}").start()
+        self.refused: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "-I", "-S", SERVER, host, str(port)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE)
+        self.process.stdin.write(secret + b"\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().decode().strip()
+        if answer != "ready":
+            self.close()
+            raise StoreError(f"could not listen on {host}:{port}: {answer.removeprefix('error ') or 'no answer'}")
+        threading.Thread(target=self._read_refusals, daemon=True, name=f"group-store-log:{port}").start()
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            rank = self._admit(conn, f"{peer[0]}:{peer[1]}")
-            if rank is None:
-                return
-            with self.cond:
-                if self._closed:
-                    return
-                self._conns.add(conn)
-            try:
-                while True:
-                    request = _recv(conn, MESSAGE_LIMIT)
-                    _send(conn, *self._answer(request))
-            except (OSError, ConnectionError, struct.error):
-                pass
-            finally:
-                with self.cond:
-                    self._conns.discard(conn)
-                    if not self._closed:  # a member that leaves breaks the group: its waits end now
-                        self.departed.append(rank)
-                        self.cond.notify_all()
-
-    def _admit(self, conn: socket.socket, peer: str) -> Optional[str]:
-        """The handshake: the client proves the secret for our nonce, then we prove it for theirs.
-        Returns the member's rank, or None if it was refused."""
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        nonce = os.urandom(32)
-        try:
-            _send(conn, MAGIC, nonce)
-            parts = _recv(conn, HANDSHAKE_LIMIT)
-        except (OSError, ConnectionError, struct.error) as exc:
-            self._refuse(conn, peer, "?", f"it did not speak the group protocol ({exc})")
-            return None
-        if len(parts) != 4 or parts[0] != MAGIC:
-            self._refuse(conn, peer, "?", "it did not speak the group protocol (a torch TCPStore client?)")
-            return None
-        _, rank, their_nonce, proof = parts
-        rank_text = rank.decode(errors="replace")
-        if not hmac.compare_digest(proof, _mac(self.secret, b"client", nonce, their_nonce, rank)):
-            self._refuse(conn, peer, rank_text, "it did not prove the group secret (wrong or missing secret)")
-            return None
-        try:
-            _send(conn, b"ok", _mac(self.secret, b"host", their_nonce, nonce))
-        except OSError:
-            return None
-        conn.settimeout(None)
-        return rank_text
-
-    def _refuse(self, conn: socket.socket, peer: str, rank: str, why: str) -> None:
-        note = f"a participant at {peer} claiming rank {rank}: {why}"
-        log.warning("group store refused %s", note)
-        with self.cond:
+    def _read_refusals(self) -> None:
+        for line in self.process.stdout:
+            note = line.decode(errors="replace").strip().removeprefix("refused ")
+            log.warning("group store refused %s", note)
             self.refused.append(note)
-        try:
-            _send(conn, b"refused", why.encode())
-        except OSError:
-            pass
-
-    def _answer(self, request: list[bytes]) -> list[bytes]:
-        op, args = request[0], request[1:]
-        with self.cond:
-            if op == b"set":
-                self.data[args[0]] = args[1]
-                self.cond.notify_all()
-                return [b"ok"]
-            if op == b"add":
-                value = int(self.data.get(args[0], b"0")) + int(args[1])
-                self.data[args[0]] = str(value).encode()
-                self.cond.notify_all()
-                return [b"ok", str(value).encode()]
-            if op == b"compare_set":
-                key, expected, desired = args
-                current = self.data.get(key)
-                if (current is None and expected == b"") or current == expected:
-                    self.data[key] = current = desired
-                    self.cond.notify_all()
-                return [b"ok", current if current is not None else expected]
-            if op == b"check":
-                return [b"ok", b"1" if all(k in self.data for k in args) else b"0"]
-            if op == b"delete":
-                return [b"ok", b"1" if self.data.pop(args[0], None) is not None else b"0"]
-            if op == b"num_keys":
-                return [b"ok", str(len(self.data)).encode()]
-            if op == b"wait":
-                timeout = float(args[0])
-                keys = args[1:]
-                ready = lambda: all(k in self.data for k in keys)  # noqa: E731
-                if self.cond.wait_for(lambda: ready() or self._closed or self.departed, timeout):
-                    if ready():
-                        return [b"ok", *(self.data[k] for k in keys)]
-                    if self._closed:
-                        return [b"closed"]
-                    return [b"left", ", ".join(self.departed).encode()]
-                return [b"timeout", *(k for k in keys if k not in self.data)]
-        return [b"error", b"unknown operation " + op[:32]]
 
     def close(self) -> None:
-        """Stop listening and drop every connection (clients waiting on keys get an error at once)."""
-        with self.cond:
-            self._closed = True
-            self.cond.notify_all()
-            conns = list(self._conns)
-        self.sock.close()
-        for conn in conns:
+        """Stop the server: members waiting on keys learn at once that the group is gone."""
+        if self.process.stdin and not self.process.stdin.closed:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                self.process.stdin.close()
             except OSError:
                 pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class GroupStore(dist.Store):
@@ -229,13 +106,13 @@ class GroupStore(dist.Store):
         self._secret = secret.encode()
         self._timeout = timeout
         self._lock = threading.Lock()
-        self.server: Optional[StoreServer] = None
-        if is_host:
-            try:
-                self.server = StoreServer(host, port, self._secret)
-            except OSError as exc:
-                raise StoreError(f"could not listen on {self.where}: {exc.strerror or exc}") from exc
-        self.sock = self._connect(host, port)
+        self.server = StoreHost(host, port, self._secret) if is_host else None
+        try:
+            self.sock = self._connect(host, port)
+        except BaseException:
+            if self.server is not None:
+                self.server.close()
+            raise
 
     def _connect(self, host: str, port: int) -> socket.socket:
         """Connect (retrying until the timeout: the host may not be up yet) and do the handshake."""
@@ -262,27 +139,27 @@ class GroupStore(dist.Store):
 
     def _handshake(self, sock: socket.socket) -> None:
         try:
-            magic, nonce = _recv(sock, HANDSHAKE_LIMIT)
+            magic, nonce = recv_message(sock, HANDSHAKE_LIMIT)
             if magic != MAGIC:
                 raise ConnectionError("wrong protocol")
             ours = os.urandom(32)
             rank = str(self.rank).encode()
-            _send(sock, MAGIC, rank, ours, _mac(self._secret, b"client", nonce, ours, rank))
-            verdict, detail = _recv(sock, HANDSHAKE_LIMIT)
+            send_message(sock, MAGIC, rank, ours, mac(self._secret, b"client", nonce, ours, rank))
+            verdict, detail = recv_message(sock, HANDSHAKE_LIMIT)
         except (OSError, ConnectionError, ValueError, struct.error) as exc:
             raise StoreError(f"the service at {self.where} is not a group store of this project ({exc})") from None
         if verdict == b"refused":
             raise StoreError(f"the group store at {self.where} refused rank {self.rank}: {detail.decode()}; "
                              f"every member needs the secret of the trainer's TransferInitInfo / TensorParallelInit")
-        if verdict != b"ok" or not hmac.compare_digest(detail, _mac(self._secret, b"host", ours, nonce)):
+        if verdict != b"ok" or not hmac.compare_digest(detail, mac(self._secret, b"host", ours, nonce)):
             raise StoreError(f"the service at {self.where} did not prove the group secret: it is not this "
                              f"group's host (wrong address, or a different group)")
 
     def _call(self, *parts: bytes) -> list[bytes]:
         with self._lock:
             try:
-                _send(self.sock, *parts)
-                return _recv(self.sock, MESSAGE_LIMIT)
+                send_message(self.sock, *parts)
+                return recv_message(self.sock, MESSAGE_LIMIT)
             except (OSError, ConnectionError, struct.error) as exc:
                 raise StoreError(f"lost the connection to the group store at {self.where} "
                                  f"(its host closed the group or exited: {exc})") from None

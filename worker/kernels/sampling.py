@@ -1,8 +1,8 @@
 """The sampler's common case in three small kernels: temperature (or greedy), seeded Gumbel-max, logprobs.
 
 The vocabulary is cut into chunks so that every row keeps many programs busy:
-1. per chunk: max and sum of exponentials of the raw and of the temperature-scaled
-   logits, and the chunk's greedy argmax;
+1. per chunk: the max of the raw logits, the sums of exponentials of the raw and of
+   the temperature-scaled logits relative to it, and the chunk's greedy argmax;
 2. per chunk (sampled rows): the log-sum-exps from (1), then the chunk's argmax of
    log_softmax(scaled) + gumbel noise, with the same counter-based hash as
    `worker.sampler.hashed_uniform`, so it picks the tokens the torch sampler picks;
@@ -39,7 +39,11 @@ def _mix32(x):
 
 @triton.jit
 def _stats_kernel(logits_ptr, stride_row, temp_ptr, stats_ptr, vocab, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """stats[row, chunk, :] = (max raw, sum exp raw, max scaled, sum exp scaled, greedy best, its index)."""
+    """stats[row, chunk, :5] = (max raw m, sum exp(x - m), sum exp((x - m) / T), greedy best, its index).
+
+    The scaled sum is taken relative to the raw maximum (the scaled one is m / T), so the chosen token's
+    processed logprob is (x - m) / T - log(sum): exactly 0 for the top token at any temperature.
+    """
     row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
@@ -47,55 +51,51 @@ def _stats_kernel(logits_ptr, stride_row, temp_ptr, stats_ptr, vocab, CHUNK: tl.
     offs = tl.arange(0, BLOCK)
     m_raw = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     s_raw = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    m_scaled, s_scaled, best, best_index = m_raw, s_raw, m_raw, s_raw
+    s_scaled, best, best_index = s_raw, m_raw, s_raw
     end = tl.minimum(vocab, (chunk + 1) * CHUNK)
     for start in range(chunk * CHUNK, end, BLOCK):
         cols = start + offs
         x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
-        y = x / divisor
-        m_new = tl.maximum(m_raw, tl.max(x, axis=0))
+        tile_best = tl.max(x, axis=0)
+        m_new = tl.maximum(m_raw, tile_best)
         s_raw = s_raw * tl.exp(m_raw - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        s_scaled = s_scaled * tl.exp((m_raw - m_new) / divisor) + tl.sum(tl.exp((x - m_new) / divisor), axis=0)
         m_raw = m_new
-        tile_best = tl.max(y, axis=0)
-        m_new = tl.maximum(m_scaled, tile_best)
-        s_scaled = s_scaled * tl.exp(m_scaled - m_new) + tl.sum(tl.exp(y - m_new), axis=0)
-        m_scaled = m_new
-        best_index = tl.where(tile_best > best, (start + tl.argmax(y, axis=0)).to(tl.float32), best_index)
+        best_index = tl.where(tile_best > best, (start + tl.argmax(x, axis=0)).to(tl.float32), best_index)
         best = tl.maximum(best, tile_best)
     out = stats_ptr + (row * tl.num_programs(1) + chunk) * 8
     tl.store(out + 0, m_raw)
     tl.store(out + 1, s_raw)
-    tl.store(out + 2, m_scaled)
-    tl.store(out + 3, s_scaled)
-    tl.store(out + 4, best)
-    tl.store(out + 5, best_index)
+    tl.store(out + 2, s_scaled)
+    tl.store(out + 3, best)
+    tl.store(out + 4, best_index)
 
 
 @triton.jit
-def _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+def _log_sum_exps(stats_ptr, row, divisor, num_chunks, MAX_CHUNKS: tl.constexpr):
+    """The row's raw maximum m, log-sum-exp of the raw logits, and log of sum exp((x - m) / T)."""
     chunks = tl.arange(0, MAX_CHUNKS)
     ok = chunks < num_chunks
     base = stats_ptr + (row * num_chunks + chunks) * 8
     m_raw = tl.load(base + 0, mask=ok, other=float("-inf"))
     s_raw = tl.load(base + 1, mask=ok, other=0.0)
-    m_scaled = tl.load(base + 2, mask=ok, other=float("-inf"))
-    s_scaled = tl.load(base + 3, mask=ok, other=0.0)
-    top_raw, top_scaled = tl.max(m_raw, axis=0), tl.max(m_scaled, axis=0)
-    lse_raw = top_raw + tl.log(tl.sum(s_raw * tl.exp(m_raw - top_raw), axis=0))
-    lse_scaled = top_scaled + tl.log(tl.sum(s_scaled * tl.exp(m_scaled - top_scaled), axis=0))
-    return lse_raw, lse_scaled
+    s_scaled = tl.load(base + 2, mask=ok, other=0.0)
+    top = tl.max(m_raw, axis=0)
+    lse_raw = top + tl.log(tl.sum(s_raw * tl.exp(m_raw - top), axis=0))
+    log_norm = tl.log(tl.sum(s_scaled * tl.exp((m_raw - top) / divisor), axis=0))
+    return top, lse_raw, log_norm
 
 
 @triton.jit
 def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_ptr, vocab,
                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
-    """stats[row, chunk, 6:8] = the chunk's best log_softmax(scaled) + gumbel and its index (sampled rows)."""
+    """stats[row, chunk, 5:7] = the chunk's best log_softmax(scaled) + gumbel and its index (sampled rows)."""
     row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     if temp == 0.0:
         return
-    _, lse_scaled = _log_sum_exps(stats_ptr, row, tl.num_programs(1), MAX_CHUNKS)
+    top, _, log_norm = _log_sum_exps(stats_ptr, row, temp, tl.num_programs(1), MAX_CHUNKS)
     seed = tl.load(seed_ptr + row)
     mask = tl.full((), 0xFFFFFFFF, tl.int64)
     high = seed >> 32
@@ -110,13 +110,13 @@ def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, seed_ptr, step_ptr, stats_p
         x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
         bits = _mix32(key_high ^ _mix32(key_low ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9)))
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        v = (x / temp - lse_scaled) + -tl.log(-tl.log(u))
+        v = ((x - top) / temp - log_norm) + -tl.log(-tl.log(u))
         tile_best = tl.max(v, axis=0)
         best_index = tl.where(tile_best > best, (start + tl.argmax(v, axis=0)).to(tl.float32), best_index)
         best = tl.maximum(best, tile_best)
     out = stats_ptr + (row * tl.num_programs(1) + chunk) * 8
-    tl.store(out + 6, best)
-    tl.store(out + 7, best_index)
+    tl.store(out + 5, best)
+    tl.store(out + 6, best_index)
 
 
 @triton.jit
@@ -125,15 +125,16 @@ def _pick_kernel(logits_ptr, stride_row, temp_ptr, raw_ptr, stats_ptr, token_ptr
     row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0.0
-    lse_raw, lse_scaled = _log_sum_exps(stats_ptr, row, num_chunks, MAX_CHUNKS)
+    divisor = tl.where(greedy, 1.0, temp)
+    top, lse_raw, log_norm = _log_sum_exps(stats_ptr, row, divisor, num_chunks, MAX_CHUNKS)
     chunks = tl.arange(0, MAX_CHUNKS)
     ok = chunks < num_chunks
-    column = tl.where(greedy, 4, 6)
+    column = tl.where(greedy, 3, 5)
     values = tl.load(stats_ptr + (row * num_chunks + chunks) * 8 + column, mask=ok, other=float("-inf"))
     winner = tl.argmax(values, axis=0)
     token = tl.load(stats_ptr + (row * num_chunks + winner) * 8 + column + 1).to(tl.int64)
     x = tl.load(logits_ptr + row * stride_row + token).to(tl.float32)
-    logprob = tl.where(tl.load(raw_ptr + row) != 0, x - lse_raw, x / tl.where(greedy, 1.0, temp) - lse_scaled)
+    logprob = tl.where(tl.load(raw_ptr + row) != 0, x - lse_raw, (x - top) / divisor - log_norm)
     tl.store(token_ptr + row, token)
     tl.store(logprob_ptr + row, logprob)
 
