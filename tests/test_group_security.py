@@ -176,3 +176,11 @@ def test_a_loopback_group_listens_on_loopback_only():
     finally:
         for end in ends:
             end.close()
+
+
+def test_a_taken_port_is_a_clear_error_for_the_trainer():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        info = TransferInitInfo(backend="gloo", master_port=taken.getsockname()[1], timeout_s=5)
+        with pytest.raises(WeightTransferError, match=r"rank 0 could not join .* could not listen on 127.0.0.1:\d+: "
+                                                      r"Address already in use"):
+            WeightSender(info)
