@@ -5,6 +5,7 @@ Transport-independent (the store carries every backend's rendezvous), so tested 
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -142,19 +143,19 @@ def test_secrets_must_be_long_and_are_not_shown_in_errors():
         TensorParallelInit(rank=0, size=2, master_port=5000)  # every rank must be given the group's secret
 
 
-def listening_sockets() -> set[tuple[str, str]]:
-    """(inode, address) of this process's listening TCP sockets, IPv4 and IPv6 (from /proc, Linux)."""
+def listening_sockets(pid="self") -> set[tuple[str, str]]:
+    """(inode, address) of a process's listening TCP sockets, IPv4 and IPv6 (from /proc, Linux)."""
     inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = set()
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        with open(f"/proc/self/net/{table}") as rows:
+        with open(f"/proc/{pid}/net/{table}") as rows:
             for line in list(rows)[1:]:
                 fields = line.split()
                 if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
@@ -172,7 +173,9 @@ def test_a_loopback_group_listens_on_loopback_only():
                         lambda: open_transport(info, 1, torch.device("cpu")))
     try:
         opened = {address for _, address in listening_sockets() - before}
-        assert opened == {"127.0.0.1"}  # the store and gloo's own sockets; nothing on 0.0.0.0 or the host's address
+        assert opened == {"127.0.0.1"}  # gloo's own sockets; nothing on 0.0.0.0 or the host's address
+        store = {address for _, address in listening_sockets(ends[0].channel.group_store.server.process.pid)}
+        assert store == {"127.0.0.1"}  # the store's process
     finally:
         for end in ends:
             end.close()
@@ -184,3 +187,54 @@ def test_a_taken_port_is_a_clear_error_for_the_trainer():
         with pytest.raises(WeightTransferError, match=r"rank 0 could not join .* could not listen on 127.0.0.1:\d+: "
                                                       r"Address already in use"):
             WeightSender(info)
+
+
+def host_and_member(timeout_s: float):
+    secret, port = new_secret().get_secret_value(), free_port()
+    timeout = timedelta(seconds=timeout_s)
+    host = GroupStore("127.0.0.1", port, secret, 0, timeout, is_host=True)
+    return host, GroupStore("127.0.0.1", port, secret, 1, timeout, is_host=False)
+
+
+def test_a_malformed_request_is_answered_and_the_group_keeps_working():
+    host, member = host_and_member(10)
+    try:
+        with pytest.raises(StoreError, match="malformed request"):
+            member._call(b"add", b"counter", b"not a number")
+        with pytest.raises(StoreError, match="malformed request"):
+            member._call(b"set", b"only a key")
+        member.set("k", "v")
+        assert host.get("k") == b"v" and member.add("n", 3) == 3 and host.add("n", 4) == 7
+    finally:
+        member.close()
+        host.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="freezes the store's process with SIGSTOP")
+def test_a_frozen_host_is_given_up_on():
+    host, member = host_and_member(1)
+    os.kill(host.server.process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreError, match="no answer from the group store .* within 1s"):
+            member.set("k", "v")
+        with pytest.raises(StoreError, match="no answer from the group store .* within 3s"):
+            member.wait(["k"], timedelta(seconds=2))
+    finally:
+        os.kill(host.server.process.pid, signal.SIGCONT)
+        member.close()
+        host.close()
+
+
+def test_a_flood_of_silent_strangers_delays_but_does_not_stop_a_member():
+    secret, port = new_secret().get_secret_value(), free_port()
+    host = GroupStore("127.0.0.1", port, secret, 0, timedelta(seconds=30), is_host=True)
+    strangers = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]  # they never answer
+    try:
+        member = GroupStore("127.0.0.1", port, secret, 1, timedelta(seconds=30), is_host=False)
+        member.set("k", "v")
+        assert host.get("k") == b"v"
+        member.close()
+    finally:
+        for sock in strangers:
+            sock.close()
+        host.close()

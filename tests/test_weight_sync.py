@@ -267,9 +267,9 @@ def test_nobody_listening_fails_within_the_timeout_without_native_traces(old_and
     engine = engine_for(old_and_new[0])
     info = TransferInitInfo.local("gloo", timeout_s=2)
     start = time.monotonic()
-    with pytest.raises(WeightTransferError, match=r"nobody accepted a connection at 127.0.0.1:\d+ within 2s"):
+    with pytest.raises(WeightTransferError, match=r"nobody accepted a connection at 127.0.0.1:\d+ .*gave up after 2s"):
         engine.init_weight_transfer(info)
-    assert 1.9 < time.monotonic() - start < 4.5
+    assert 1.9 < time.monotonic() - start < 8
     assert "frame #" not in capfd.readouterr().err
 
 

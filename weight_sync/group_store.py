@@ -34,7 +34,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from weight_sync import store_server
-from weight_sync.store_server import HANDSHAKE_LIMIT, HANDSHAKE_TIMEOUT_S, MAGIC, MESSAGE_LIMIT, mac, recv_message, send_message
+from weight_sync.store_server import (HANDSHAKE_LIMIT, HANDSHAKE_TIMEOUT_S, MAGIC, MESSAGE_LIMIT, mac, recv_message,
+                                      send_message)
 
 log = logging.getLogger(__name__)
 SERVER = store_server.__file__
@@ -46,6 +47,10 @@ class StoreError(RuntimeError):
 
 class StoreTimeout(StoreError):
     """A wait on the store ended before its keys were set."""
+
+
+class _TurnedAway(Exception):
+    """The host closed a new connection before the handshake began (busy with strangers): try again."""
 
 
 def is_loopback(host: str) -> bool:
@@ -115,37 +120,49 @@ class GroupStore(dist.Store):
             raise
 
     def _connect(self, host: str, port: int) -> socket.socket:
-        """Connect (retrying until the timeout: the host may not be up yet) and do the handshake."""
-        start = time.monotonic()
-        deadline = start + self._timeout.total_seconds()
+        """Connect and do the handshake, retrying until the timeout while nobody listens yet or the host
+        closes the connection before the handshake (it turns connections away while strangers flood it)."""
+        deadline = time.monotonic() + self._timeout.total_seconds()
         while True:
             try:
                 sock = socket.create_connection((host, port), timeout=max(0.05, deadline - time.monotonic()))
-                break
             except OSError as exc:
-                if time.monotonic() >= deadline:
-                    raise StoreError(f"nobody accepted a connection at {self.where} within "
-                                     f"{self._timeout.total_seconds():g}s ({exc.strerror or exc})") from None
-                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            self._handshake(sock)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+                problem = f"nobody accepted a connection at {self.where} ({exc.strerror or exc})"
+            else:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    self._handshake(sock, time.monotonic() + min(HANDSHAKE_TIMEOUT_S, self._timeout.total_seconds()))
+                    return sock
+                except _TurnedAway:
+                    problem = f"the service at {self.where} closed every connection before the handshake"
+                    sock.close()
+                except BaseException:
+                    sock.close()
+                    raise
+            if time.monotonic() >= deadline:
+                raise StoreError(f"{problem}; gave up after {self._timeout.total_seconds():g}s") from None
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    def _handshake(self, sock: socket.socket) -> None:
+    def _handshake(self, sock: socket.socket, deadline: float) -> None:
         try:
-            magic, nonce = recv_message(sock, HANDSHAKE_LIMIT)
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            first = recv_message(sock, HANDSHAKE_LIMIT, deadline)
+        except ConnectionError:
+            raise _TurnedAway() from None
+        except (OSError, ValueError, struct.error) as exc:
+            raise StoreError(f"the service at {self.where} is not a group store of this project ({exc})") from None
+        try:
+            magic, nonce = first
             if magic != MAGIC:
                 raise ConnectionError("wrong protocol")
             ours = os.urandom(32)
             rank = str(self.rank).encode()
             send_message(sock, MAGIC, rank, ours, mac(self._secret, b"client", nonce, ours, rank))
-            verdict, detail = recv_message(sock, HANDSHAKE_LIMIT)
+            verdict, detail = recv_message(sock, HANDSHAKE_LIMIT, deadline)
+        except socket.timeout:
+            raise StoreError(f"the service at {self.where} accepted the connection but did not finish the "
+                             f"group handshake in time (overloaded, or not a group store)") from None
         except (OSError, ConnectionError, ValueError, struct.error) as exc:
             raise StoreError(f"the service at {self.where} is not a group store of this project ({exc})") from None
         if verdict == b"refused":
@@ -155,14 +172,24 @@ class GroupStore(dist.Store):
             raise StoreError(f"the service at {self.where} did not prove the group secret: it is not this "
                              f"group's host (wrong address, or a different group)")
 
-    def _call(self, *parts: bytes) -> list[bytes]:
+    def _call(self, *parts: bytes, wait_s: float = 0.0) -> list[bytes]:
+        """Send one request and read its answer; a host that goes silent (frozen, or its machine gone without
+        closing the connection) is given up on `wait_s` + the group's timeout after the request."""
+        limit = wait_s + self._timeout.total_seconds()
         with self._lock:
             try:
+                self.sock.settimeout(limit)
                 send_message(self.sock, *parts)
-                return recv_message(self.sock, MESSAGE_LIMIT)
+                reply = recv_message(self.sock, MESSAGE_LIMIT)
+            except socket.timeout:
+                raise StoreError(f"no answer from the group store at {self.where} within {limit:g}s "
+                                 f"(its host is frozen or unreachable)") from None
             except (OSError, ConnectionError, struct.error) as exc:
                 raise StoreError(f"lost the connection to the group store at {self.where} "
                                  f"(its host closed the group or exited: {exc})") from None
+        if reply[0] == b"error":
+            raise StoreError(f"the group store at {self.where} refused a request: {reply[1].decode()}")
+        return reply
 
     @staticmethod
     def _bytes(value) -> bytes:
@@ -178,7 +205,7 @@ class GroupStore(dist.Store):
         self._wait([self._bytes(k) for k in keys], timeout or self._timeout)
 
     def _wait(self, keys: list[bytes], timeout: timedelta) -> list[bytes]:
-        reply = self._call(b"wait", str(timeout.total_seconds()).encode(), *keys)
+        reply = self._call(b"wait", str(timeout.total_seconds()).encode(), *keys, wait_s=timeout.total_seconds())
         if reply[0] == b"ok":
             return reply[1:]
         if reply[0] == b"timeout":

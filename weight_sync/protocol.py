@@ -33,6 +33,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def check_secret(value: SecretStr) -> SecretStr:
+    """A group secret: printable characters without whitespace (it is framed by a newline on its way to the
+    store's process)."""
+    text = value.get_secret_value()
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError("the secret must be printable characters without whitespace")
+    return value
+
+
 class TensorMeta(BaseModel):
     """Name, dtype and shape of one tensor of an update."""
 
@@ -89,6 +98,8 @@ class TransferInitInfo(BaseModel):
     group_name: str = Field("weight_sync", min_length=1, description="Namespace of the group's keys in the store.")
     secret: SecretStr = Field(default_factory=lambda: new_secret(), min_length=16, repr=False,
                               description="Shared by the members of the group; never logged or shown.")
+
+    _check_secret = field_validator("secret")(check_secret)
 
     @model_validator(mode="after")
     def _check_ranks(self) -> "TransferInitInfo":

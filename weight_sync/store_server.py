@@ -23,11 +23,13 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 MAGIC = b"rollout-group-store/1"
 HANDSHAKE_LIMIT = 1 << 10  # bytes a connection may send before it proved the secret
 MESSAGE_LIMIT = 1 << 30
 HANDSHAKE_TIMEOUT_S = 10.0
+MAX_HANDSHAKES = 64  # connections still to prove the secret; more are closed at once
 
 
 def mac(secret: bytes, *parts: bytes) -> bytes:
@@ -39,9 +41,14 @@ def send_message(sock: socket.socket, *parts: bytes) -> None:
     sock.sendall(header + b"".join(parts))
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     data = bytearray()
     while len(data) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
         chunk = sock.recv(min(n - len(data), 1 << 20))
         if not chunk:
             raise ConnectionError("the connection was closed")
@@ -49,14 +56,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-def recv_message(sock: socket.socket, limit: int) -> list[bytes]:
-    (count,) = struct.unpack(">I", _recv_exact(sock, 4))
+def recv_message(sock: socket.socket, limit: int, deadline: float | None = None) -> list[bytes]:
+    """One message of at most `limit` bytes; `deadline` (time.monotonic()) bounds the whole of it."""
+    (count,) = struct.unpack(">I", _recv_exact(sock, 4, deadline))
     if count > 64:
         raise ConnectionError(f"a message of {count} parts is not part of the protocol")
-    sizes = struct.unpack(f">{count}I", _recv_exact(sock, 4 * count))
+    sizes = struct.unpack(f">{count}I", _recv_exact(sock, 4 * count, deadline))
     if sum(sizes) > limit:
         raise ConnectionError(f"a message of {sum(sizes)} bytes is over the limit of {limit}")
-    return [_recv_exact(sock, size) for size in sizes]
+    return [_recv_exact(sock, size, deadline) for size in sizes]
 
 
 class StoreServer:
@@ -71,20 +79,29 @@ class StoreServer:
         self.departed: list[str] = []  # ranks whose connection closed
         self._conns: set[socket.socket] = set()
         self._closed = False
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._out = threading.Lock()
         threading.Thread(target=self._accept_loop, daemon=True, name=f"group-store:{port}").start()
 
     def _accept_loop(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 conn, peer = self.sock.accept()
-            except OSError:
-                return  # closed
+            except OSError:  # closed, or out of file descriptors for a moment: only the first ends the loop
+                time.sleep(0.01)
+                continue
+            if not self._handshakes.acquire(blocking=False):  # a flood of strangers: turn the newest away
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
-            rank = self._admit(conn, f"{peer[0]}:{peer[1]}")
+            try:
+                rank = self._admit(conn, f"{peer[0]}:{peer[1]}")
+            finally:
+                self._handshakes.release()
             if rank is None:
                 return
             with self.cond:
@@ -94,7 +111,11 @@ class StoreServer:
             try:
                 while True:
                     request = recv_message(conn, MESSAGE_LIMIT)
-                    send_message(conn, *self._answer(request))
+                    try:
+                        answer = self._answer(request)
+                    except (IndexError, ValueError) as exc:  # a malformed request: say so, keep serving
+                        answer = [b"error", f"malformed request: {type(exc).__name__}: {exc}".encode()[:200]]
+                    send_message(conn, *answer)
             except (OSError, ConnectionError, struct.error):
                 pass
             finally:
@@ -107,11 +128,12 @@ class StoreServer:
     def _admit(self, conn: socket.socket, peer: str) -> str | None:
         """The handshake: the client proves the secret for our nonce, then we prove it for theirs.
         Returns the member's rank, or None if it was refused."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S  # for the whole handshake, not per read
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         nonce = os.urandom(32)
         try:
             send_message(conn, MAGIC, nonce)
-            parts = recv_message(conn, HANDSHAKE_LIMIT)
+            parts = recv_message(conn, HANDSHAKE_LIMIT, deadline)
         except (OSError, ConnectionError, struct.error) as exc:
             self._refuse(conn, peer, "?", f"it did not speak the group protocol ({exc})")
             return None
@@ -119,7 +141,7 @@ class StoreServer:
             self._refuse(conn, peer, "?", "it did not speak the group protocol (a torch TCPStore client?)")
             return None
         _, rank, their_nonce, proof = parts
-        rank_text = rank.decode(errors="replace")
+        rank_text = rank.decode() if rank.isdigit() and len(rank) <= 6 else repr(rank[:16])  # never raw into a log
         if not hmac.compare_digest(proof, mac(self.secret, b"client", nonce, their_nonce, rank)):
             self._refuse(conn, peer, rank_text, "it did not prove the group secret (wrong or missing secret)")
             return None
@@ -131,8 +153,9 @@ class StoreServer:
         return rank_text
 
     def _refuse(self, conn: socket.socket, peer: str, rank: str, why: str) -> None:
-        with self.cond:  # one line per refusal on stdout: the host process logs it
-            sys.stdout.write(f"refused a participant at {peer} claiming rank {rank}: {why}\n")
+        line = f"refused a participant at {peer} claiming rank {rank}: {why}".replace("\n", " ")[:300]
+        with self._out:  # one line per refusal on stdout (the host logs it); never under `cond`, so a slow
+            sys.stdout.write(line + "\n")  # reader of the pipe stalls only refused connections
             sys.stdout.flush()
         try:
             send_message(conn, b"refused", why.encode())

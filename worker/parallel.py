@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from weight_sync.group_store import GroupStore, StoreError, gloo_group
+from weight_sync.protocol import check_secret
 
 
 class TensorParallelInit(BaseModel):
@@ -34,6 +35,8 @@ class TensorParallelInit(BaseModel):
     secret: SecretStr = Field(min_length=16, repr=False,
                               description="The same for every rank (e.g. weight_sync.protocol.new_secret()); a rank "
                                           "without it is refused.")
+
+    _check_secret = field_validator("secret")(check_secret)
 
 
 def check_divides(size: int, dims: dict[str, int]) -> None:
@@ -69,12 +72,16 @@ class TensorParallel:
             store.close()
             raise RuntimeError(f"tensor-parallel rank {init.rank} could not join its group: {exc}") from None
         prefixed = dist.PrefixStore("tp/", store)
-        if device.type == "cuda":
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = timeout
-            group = dist.ProcessGroupNCCL(prefixed, init.rank, init.size, options)
-        else:
-            group = gloo_group(prefixed, init.rank, init.size, timeout, init.master_address)
+        try:
+            if device.type == "cuda":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = timeout
+                group = dist.ProcessGroupNCCL(prefixed, init.rank, init.size, options)
+            else:
+                group = gloo_group(prefixed, init.rank, init.size, timeout, init.master_address)
+        except BaseException:
+            store.close()  # frees the port (and, on rank 0, the store's process) for a retry
+            raise
         tp = cls(init.rank, init.size, group)
         tp._store = store  # the store must outlive the group
         return tp
