@@ -1,4 +1,4 @@
-"""One rank of one data-parallel replica, as a Ray actor: an in-process RolloutEngine in its own process.
+"""One rank of one data-parallel replica, as a Ray actor: an in-process LocalEngine in its own process.
 
 The actor is threaded (Ray `max_concurrency`), so a weight update can arrive
 while `generate` runs and land between steps as its pause mode says. Ranks of a
@@ -11,7 +11,7 @@ import socket
 from typing import Optional
 
 from rollout.config import EngineConfig
-from rollout.engine import RolloutEngine
+from rollout.local_engine import LocalEngine
 from weight_sync import free_port
 
 
@@ -21,7 +21,7 @@ class RankActor:
     def __init__(self, replica: int, rank: int):
         self.replica = replica
         self.rank = rank
-        self.engine: Optional[RolloutEngine] = None
+        self.engine: Optional[LocalEngine] = None
 
     def address(self) -> tuple[str, int]:
         """Where this rank can host a TCP store (its node's address and a free port)."""
@@ -34,7 +34,7 @@ class RankActor:
 
         tp = TensorParallelInit(**tensor_parallel) if tensor_parallel else None
         config = EngineConfig(**{**config, "executor": "local", "data_parallel_size": 1})
-        self.engine = RolloutEngine(config, tensor_parallel=tp)
+        self.engine = LocalEngine(config, tensor_parallel=tp)
         return self.engine.weight_version
 
     def generate(self, prompts: list, params: list, seeds: list[int]):

@@ -22,7 +22,7 @@ from trainer_adapters import WeightSender
 from weight_sync import free_port, new_secret
 from weight_sync.channel import Channel
 from weight_sync.group_store import MAGIC, GroupStore, StoreError
-from weight_sync.transport import open_transport
+from weight_sync.join import open_transport
 from worker.parallel import TensorParallel, TensorParallelInit
 
 

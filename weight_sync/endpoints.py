@@ -22,7 +22,8 @@ import torch
 from weight_sync.buckets import Bucket, plan_buckets
 from weight_sync.errors import WeightTransferError, WeightUpdateRejected
 from weight_sync.protocol import Ack, Announcement, TransferInitInfo, UpdateInfo
-from weight_sync.transport import Apply, Transport, open_transport, receive_buckets, send_buckets
+from weight_sync.join import open_transport
+from weight_sync.transport import Apply, Transport, receive_buckets, send_buckets
 
 
 class Sender:

@@ -21,7 +21,7 @@ from weight_sync.errors import WeightTransferError
 from weight_sync.transport import Transport
 
 
-def _nccl():
+def load_nccl():
     try:
         from cupy.cuda import nccl
     except ImportError as exc:
@@ -47,7 +47,7 @@ class NcclTransport(Transport):
 
     def __init__(self, channel: Channel, device: torch.device):
         super().__init__(channel, device)
-        nccl = _nccl()
+        nccl = load_nccl()
         self._nccl = nccl
         if channel.rank == 0:
             channel.post("nccl/id", _encode_id(nccl.get_unique_id()))

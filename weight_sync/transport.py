@@ -17,7 +17,7 @@ from weight_sync.buckets import Bucket, buffer_bytes, slot_view
 from weight_sync.channel import Channel
 from weight_sync.errors import WeightTransferError
 from weight_sync.group_store import gloo_group
-from weight_sync.protocol import TransferInitInfo, torch_dtype
+from weight_sync.protocol import torch_dtype
 
 Apply = Callable[[Bucket, torch.Tensor], None]
 
@@ -126,34 +126,6 @@ class GlooTransport(Transport):
         for k, work in sorted(self._works.items()):
             self._finish(k, work)
         self._works.clear()
-
-
-def open_transport(info: TransferInitInfo, rank: int, device: torch.device) -> Transport:
-    """Join the group as `rank` (0: the trainer) on `device` and return its transport.
-
-    What this side can check alone (device, libraries) is checked before joining,
-    so a rank that cannot take part never leaves the others inside a collective.
-    """
-    if info.backend != "gloo" and device.type != "cuda":
-        raise ValueError(f"backend {info.backend!r} moves weights between GPUs; this side is on {device}. "
-                         f"Use backend='gloo' for CPU")
-    if info.backend == "nccl":
-        from weight_sync.nccl import NcclTransport, _nccl
-
-        _nccl()
-    channel = Channel(info, rank)
-    try:
-        channel.join()
-        if info.backend == "gloo":
-            return GlooTransport(channel)
-        if info.backend == "nccl":
-            return NcclTransport(channel, device)
-        from weight_sync.ipc import IpcTransport
-
-        return IpcTransport(channel, device)
-    except BaseException:
-        channel.close()  # the trainer stops listening; nothing of a half-formed group stays open
-        raise
 
 
 def send_buckets(transport: Transport, key: str, buckets: list[Bucket], tensors: Iterator[torch.Tensor]) -> None:

@@ -48,20 +48,3 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:
         """Write k/v [T, Hkv, D] into the cache, then attend q [T, H, D]; returns [T, H, D]."""
-
-
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend called `name`: 'auto' is 'triton' on CUDA (when Triton imports), else 'reference'."""
-    from worker import kernels
-    from worker.attention.reference import ReferenceBackend
-
-    fast = device.type == "cuda" and kernels.available()
-    if name == "reference" or (name == "auto" and not fast):
-        return ReferenceBackend()
-    if name in ("auto", "triton"):
-        if not fast:
-            raise ValueError(f"attention_backend='triton' needs a CUDA device and Triton; the worker is on {device}")
-        from worker.attention.triton_backend import TritonBackend
-
-        return TritonBackend(device)
-    raise ValueError(f"unknown attention backend {name!r}; available: 'auto', 'reference', 'triton'")
