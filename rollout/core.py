@@ -1,221 +1,171 @@
-"""The step loop: schedule, execute on the worker, append tokens, finish sequences."""
+"""The engine core: requests in and out at any time, one step loop (schedule -> launch -> postprocess)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
 
 from rollout.block_manager import BlockManager
 from rollout.config import EngineConfig
 from rollout.sampling_params import SamplingParams
-from rollout.scheduler import ScheduledSeq, Scheduler
+from rollout.scheduler import ScheduledSeq, Scheduler, StepPlan
 from rollout.sequence import Sequence, Status
-from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
-from worker.model_runner import Round
+from rollout.serving import ServingWeights
+from rollout.stopping import StopRules
 from worker.sampler import sample_seed
+from worker.steps import Batch, Round, SamplingInfo, SeqChunk
 from worker.worker import Worker
 
 
+@dataclass
+class Launched:
+    """A step started on the device whose tokens have not been read yet."""
+
+    plan: StepPlan
+    round: Round
+
+
+@dataclass
+class Progress:
+    """A sequence that produced tokens or ended in a step: its outputs from index `start` on are new."""
+
+    seq: Sequence
+    start: int
+
+
+@dataclass
+class Continuation:
+    """An earlier partial sample to continue: its output tokens so far, their logprobs / top logprobs (when the
+    request asks for them) and weight versions, and the sample index its random numbers are keyed on."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    weight_versions: list[int]
+    index: int
+
+
 class EngineCore:
-    """Owns the scheduler and the block manager; drives one worker one step at a time."""
+    """Owns the scheduler, the block manager and the serving weight version; drives one worker.
+
+    Requests are added (`add_request`) and aborted (`abort_request`) between any two
+    steps. Each `step` reports the sequences that progressed in it. A decode round is
+    read one step later, after the next round for the same sequences has been queued
+    behind it, so the host's work on its tokens overlaps the device's next round: the
+    round still on the device is the value `step` takes and returns.
+    """
 
     def __init__(self, config: EngineConfig, worker: Worker, eos_token_ids: set[int], tokenizer=None):
         self.worker = worker
-        self.max_model_len = worker.max_model_len
-        self.eos_token_ids = eos_token_ids
-        self.tokenizer = tokenizer
+        self.stops = StopRules(eos_token_ids, worker.max_model_len, tokenizer)
         self.block_manager = BlockManager(worker.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.num_decode_steps = config.num_decode_steps
-        self._inflight: Optional[tuple[list[ScheduledSeq], Round]] = None  # a decode round queued on the device
-        self.weight_version = 0
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.num_decode_steps, worker.max_model_len)
+        self.serving = ServingWeights(self.block_manager)
         self._next_seq_id = 0
         self._next_group = 0
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int) -> list[Sequence]:
-        """Queue the n samples of one prompt.
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int,
+                    continuation: Optional[Continuation] = None) -> list[Sequence]:
+        """Queue the n samples of one prompt (or continue one earlier sample); returns them.
 
-        Sample j's random numbers are keyed by (seed, prompt, j): reproducible whatever
-        else is batched, and different prompts sharing one seed do not share noise.
+        Sample j's random numbers are keyed by (seed, prompt, j) and the position of each
+        token after the prompt: reproducible whatever else is batched, different prompts
+        sharing one seed do not share noise, and a continued sample draws what it would
+        have drawn uninterrupted.
         """
-        group = self._next_group
-        self._next_group += 1
+        group, self._next_group = self._next_group, self._next_group + 1
+        done = continuation or Continuation([], [], [], [], 0)
+        indices = [done.index] if continuation else range(params.n)
         seqs = []
-        for j in range(params.n):
-            seq = Sequence(
-                seq_id=self._next_seq_id,
-                request_id=request_id,
-                index=j,
-                prompt_len=len(prompt),
-                token_ids=list(prompt),
-                params=params,
-                seed=sample_seed(seed, prompt, j),
-                group=group,
-            )
+        for j in indices:
+            seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=j, prompt_len=len(prompt),
+                           token_ids=list(prompt) + done.token_ids, params=params,
+                           seed=sample_seed(seed, prompt, j), group=group,
+                           max_output=len(done.token_ids) + params.max_tokens, logprobs=list(done.logprobs),
+                           top_logprobs=list(done.top_logprobs), weight_versions=list(done.weight_versions))
             self._next_seq_id += 1
             self.scheduler.add(seq)
             seqs.append(seq)
         return seqs
 
+    def abort_request(self, seqs: Seq[Sequence]) -> list[Progress]:
+        """End these sequences now with finish_reason "abort", keeping what they produced; returns those
+        that were still going."""
+        going = [seq for seq in seqs if not seq.finished]
+        self.scheduler.abort(going)
+        for seq in going:
+            seq.finish_reason = "abort"
+        return [Progress(seq, seq.num_output) for seq in going]
+
+    def abort_all(self) -> list[Progress]:
+        """`abort_request` for every sequence queued or running."""
+        return self.abort_request(self.scheduler.running + list(self.scheduler.waiting))
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work()
 
-    def step(self) -> list[Sequence]:
-        """Run one step (or one decode round of several); returns the sequences that finished in it.
+    def step(self, queued: Optional[Launched]) -> tuple[Optional[Launched], list[Progress]]:
+        """One turn: schedule -> launch -> postprocess. `queued` is the decode round the previous turn left on
+        the device; returns the one this turn leaves, and the sequences that progressed."""
+        if queued is None:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return None, []
+            launched = Launched(plan, self.worker.launch(self._batch(plan)))
+            if plan.num_steps > 1:  # read next turn, once the next round is queued behind it
+                return launched, []
+            return None, self._postprocess(launched)
+        plan = self.scheduler.follow_up(queued.plan)
+        launched = None
+        if plan is not None:
+            tables = [item.seq.block_table for item in plan.items]
+            launched = Launched(plan, self.worker.resume(queued.round, plan.num_steps, tables))
+        return launched, self._postprocess(queued)
 
-        While decode rounds continue with the same sequences, the next round is queued on the device before
-        this one's tokens are read, so the host's work on them overlaps the device's on the next.
-        """
-        if self._inflight is not None:
-            return self._next_round(*self._inflight)
-        num_steps = self._round_steps()
-        scheduled = self.scheduler.schedule(num_steps)
-        if not scheduled:
-            return []
-        samples = [item.samples for item in scheduled]
-        started = self.worker.launch(Batch([self._chunk(s) for s in scheduled], num_steps))
-        if num_steps > 1:
-            return self._next_round(scheduled, started)
-        output, finished, row = started.outputs()[0], [], 0
-        for item, sampled in zip(scheduled, samples):
-            seq = item.seq
-            seq.num_computed += item.num_new
-            self.block_manager.commit(seq)
-            if not sampled:
-                continue
-            self._append(seq, output.token_ids[row], output.logprobs[row], output.top_logprobs[row])
-            row += 1
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+    def drain(self, queued: Optional[Launched]) -> list[Progress]:
+        """Read a round still on the device, starting no other (before the weights or the cache change)."""
+        return [] if queued is None else self._postprocess(queued)
 
-    def drain(self) -> list[Sequence]:
-        """Take the tokens of a round still on the device, starting no other (before weights change)."""
-        if self._inflight is None:
-            return []
-        scheduled, started = self._inflight
-        self._inflight = None
-        return self._finish_round(scheduled, started.outputs())
-
-    def _next_round(self, scheduled: list[ScheduledSeq], started: Round) -> list[Sequence]:
-        self._inflight = None
-        follow = self._follow_up(scheduled, started.num_steps)
-        if follow:
-            tables = [item.seq.block_table for item in scheduled]
-            self._inflight = (scheduled, self.worker.resume(started, follow, tables))
-        return self._finish_round(scheduled, started.outputs())
-
-    def _follow_up(self, scheduled: list[ScheduledSeq], ahead: int) -> int:
-        """Steps of a next round for the same sequences, queued before this round's tokens are read (0: none).
-
-        Decided as if no sequence stops in this round (`ahead` steps); one that does wastes its next round.
-        Blocks for the next round are allocated here.
-        """
-        sched = self.scheduler
-        if self.num_decode_steps == 1 or (sched.waiting and len(sched.running) < sched.max_num_seqs):
-            return 0
-        limit, longest = self.num_decode_steps, 0
-        for item in scheduled:
-            seq = item.seq
-            if seq.finished:
-                return 0
-            limit = min(limit, self.max_model_len - seq.num_tokens - ahead + 1)
-            longest = max(longest, seq.params.max_tokens - seq.num_output - ahead)
-        steps = min(limit, longest)
-        if steps < 2 or sum(self.block_manager.blocks_needed(i.seq, ahead + steps) for i in scheduled) > \
-                self.block_manager.num_free:
-            return 0
-        for item in scheduled:
-            self.block_manager.allocate(item.seq, ahead + steps)
-        return steps
-
-    def _finish_round(self, scheduled: list[ScheduledSeq], outputs: list[StepOutput]) -> list[Sequence]:
-        """Take each sequence's tokens of a decode round up to its first stop; the rest are discarded."""
-        tokens = list(zip(*(o.token_ids for o in outputs)))
-        logprobs = list(zip(*(o.logprobs for o in outputs)))
-        finished = []
-        for item, row_tokens, row_logprobs in zip(scheduled, tokens, logprobs):
-            seq = item.seq
-            if seq.finished:  # stopped in the round before: this one was computed for nothing
-                continue
-            seq.num_computed += self._append_round(seq, row_tokens, row_logprobs)
-            self.block_manager.commit(seq)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
-
-    def _append_round(self, seq: Sequence, tokens: tuple[int, ...], logprobs: tuple[float, ...]) -> int:
-        """Append a round's tokens up to the first that stops the sequence; returns how many were taken.
-
-        Same rules as `_append` token by token (stop tokens before length); rounds only run past min_tokens
-        and without top logprobs, and stop strings take the token-by-token path.
-        """
-        p = seq.params
-        if p.stop:
-            for taken, (token, logprob) in enumerate(zip(tokens, logprobs), 1):
-                self._append(seq, token, logprob, [])
-                if seq.finish_reason is not None:
-                    return taken
-            return len(tokens)
-        room = min(p.max_tokens - seq.num_output, self.max_model_len - seq.num_tokens)
-        take = min(len(tokens), room)
-        stops = self._stop_ids(p)
-        hit = next((i for i in range(take) if tokens[i] in stops), None)
-        if hit is not None:
-            take = hit + 1
-            seq.finish_reason = "stop"
-            seq.stop_reason = tokens[hit] if tokens[hit] in p.stop_token_ids else None
-        elif take == room:
-            seq.finish_reason = "length"
-        seq.token_ids.extend(tokens[:take])
-        seq.weight_versions.extend([self.weight_version] * take)
-        if p.logprobs:
-            seq.logprobs.extend(logprobs[:take])
-        return take
-
-    def _stop_ids(self, p: SamplingParams) -> set[int]:
-        return set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | self.eos_token_ids
-
-    def _round_steps(self) -> int:
-        """Decode steps the next round may run back to back (1 unless every running sequence decodes with
-        plain sampling, nothing waits for a free slot and every sequence's blocks for the round fit)."""
-        limit, sched = self.num_decode_steps, self.scheduler
-        if limit == 1 or not sched.running or (sched.waiting and len(sched.running) < sched.max_num_seqs):
-            return 1
-        if len(sched.running) > sched.max_num_batched_tokens:
-            return 1
-        longest = 0
-        for seq in sched.running:
-            p = seq.params
-            if seq.num_tokens - seq.num_computed != 1 or not _plain(p) or seq.num_output < p.min_tokens:
-                return 1
-            limit = min(limit, self.max_model_len - seq.num_tokens + 1)
-            longest = max(longest, p.max_tokens - seq.num_output)
-        steps = min(limit, longest)
-        if steps <= 1 or sum(self.block_manager.blocks_needed(s, steps) for s in sched.running) > \
-                self.block_manager.num_free:
-            return 1
-        return steps
-
-    def abort_all(self) -> None:
-        """Drop every queued and running sequence (after a failed step), keeping the engine usable."""
-        if self._inflight is not None:  # let the device finish it before its blocks can be handed out again
+    def fail(self, queued: Optional[Launched]) -> list[Sequence]:
+        """After a step raised: wait out the device's queued work, drop every sequence and return them."""
+        if queued is not None:
             try:
-                self._inflight[1].outputs()
-            except Exception:  # noqa: BLE001 - the step already failed; its error is the one raised
+                queued.round.outputs()
+            except Exception:  # noqa: BLE001 - the step already failed; its error is the one reported
                 pass
-            self._inflight = None
-        self.scheduler.abort_all()
-
-    def abort_inflight(self) -> int:
-        """End every queued and running sequence now with finish_reason "abort", keeping its tokens; returns
-        how many."""
-        ended = self.scheduler.abort_all()
-        for seq in ended:
+        dropped = self.scheduler.abort_all()
+        for seq in dropped:
             seq.status = Status.FINISHED
             seq.finish_reason = "abort"
-        return len(ended)
+        return dropped
+
+    def _postprocess(self, launched: Launched) -> list[Progress]:
+        """Take each sequence's new tokens (a round's up to its first stop; the rest are discarded)."""
+        outputs = launched.round.outputs()
+        version = self.serving.version
+        progress, row = [], 0
+        for item in launched.plan.items:
+            seq, r = item.seq, row
+            row += item.samples
+            if seq.finished:  # aborted meanwhile, or stopped in the round before (this one ran for nothing)
+                continue
+            if not item.samples:  # a prefill chunk before the prompt's last
+                seq.num_computed += item.num_new
+                self.block_manager.commit(seq)
+                continue
+            start = seq.num_output
+            taken = self.stops.take(seq, [o.token_ids[r] for o in outputs], [o.logprobs[r] for o in outputs],
+                                    [o.top_logprobs[r] for o in outputs], version)
+            seq.num_computed += item.num_new + taken - 1
+            self.block_manager.commit(seq)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            progress.append(Progress(seq, start))
+        return progress
+
+    def _batch(self, plan: StepPlan) -> Batch:
+        return Batch([self._chunk(item) for item in plan.items], plan.num_steps)
 
     def _chunk(self, item: ScheduledSeq) -> SeqChunk:
         seq = item.seq
@@ -223,57 +173,11 @@ class EngineCore:
         chunk = SeqChunk(seq.token_ids[start : start + item.num_new], start, list(seq.block_table))
         if item.samples:
             p = seq.params
-            banned = []
-            if seq.num_output < p.min_tokens:
-                banned = sorted(self._stop_ids(p))
             chunk.sampling = SamplingInfo(
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
-                seed=seq.seed,
+                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
                 step=seq.num_output,
                 logprobs_mode=p.logprobs_mode if (p.logprobs or p.top_logprobs) else None,
                 top_logprobs=p.top_logprobs,
-                banned_token_ids=banned,
+                banned_token_ids=sorted(self.stops.stop_ids(p)) if seq.num_output < p.min_tokens else [],
             )
         return chunk
-
-    def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
-        seq.token_ids.append(token)
-        seq.weight_versions.append(self.weight_version)
-        if seq.params.logprobs:
-            seq.logprobs.append(logprob)
-        if seq.params.top_logprobs:
-            seq.top_logprobs.append(dict(top))
-        reason, stop = self._stop_reason(seq, token)
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
-
-    def _stop_reason(self, seq: Sequence, token: int) -> tuple[Optional[str], Optional[int | str]]:
-        p = seq.params
-        if seq.num_output >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return "stop", token
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop", None
-            if p.stop and self._find_stop_string(seq):
-                return "stop", seq.stop_reason
-        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
-        return None, None
-
-    def _find_stop_string(self, seq: Sequence) -> bool:
-        """Decode the output; on a stop string, keep the text before it and record which one."""
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        found = [(text.find(s), s) for s in seq.params.stop if s in text]
-        if not found:
-            return False
-        index, stop = min(found)
-        seq.text, seq.stop_reason = text[:index], stop
-        return True
-
-
-def _plain(p: SamplingParams) -> bool:
-    """Sampling the device's fused sampler covers: temperature or greedy, no filters or top logprobs."""
-    return p.top_k <= 0 and p.top_p >= 1.0 and p.min_p == 0 and not p.top_logprobs

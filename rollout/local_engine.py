@@ -1,10 +1,10 @@
-"""`LocalEngine`: the engine in this process (the step loop behind `RolloutEngine`)."""
+"""`LocalEngine`: the engine in this process (the engine loop behind `RolloutEngine` and `AsyncRolloutEngine`)."""
 
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
+import queue
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence as Seq, Union
 
@@ -13,18 +13,20 @@ from tqdm.auto import tqdm
 
 from rollout.config import EngineConfig
 from rollout.core import EngineCore
-from rollout.outputs import RolloutOutput, Sample
-from rollout.pause import PAUSE_MODES, PauseMode, UpdateGate
+from rollout.loop import EngineLoop
+from rollout.outputs import RolloutOutput
+from rollout.pause import PauseMode, check_pause_mode
+from rollout.requests import RequestFront, Sink
 from rollout.sampling_params import SamplingParams
-from rollout.sequence import Sequence
-from rollout.validation import check_requests, load_eos_token_ids, load_tokenizer
+from rollout.validation import load_eos_token_ids, load_tokenizer
 from weight_sync import TransferInitInfo, UpdateInfo
 from worker.memory.report import MemoryReport
 from worker.parallel import TensorParallelInit
-from worker.updates import requested_version
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
+
+
 def engine_config(config: Optional[EngineConfig], fields: dict) -> EngineConfig:
     """`config`, or an EngineConfig built from keyword fields (not both)."""
     if config is None:
@@ -34,13 +36,27 @@ def engine_config(config: Optional[EngineConfig], fields: dict) -> EngineConfig:
     return config
 
 
+class _Collect(Sink):
+    """Hands one request's output (or error) of a generate() call to the waiting caller."""
+
+    def __init__(self, index: int, results: queue.SimpleQueue):
+        self.index, self.results = index, results
+
+    def finished(self, output: RolloutOutput) -> None:
+        self.results.put((self.index, output))
+
+    def failed(self, error: BaseException) -> None:
+        self.results.put((self.index, error))
+
+
 class LocalEngine:
     """Generates samples with exact per-token logprobs from a Hugging Face checkpoint, in this process.
 
     Users build it as `RolloutEngine` (rollout/engine.py), which also picks the Ray executor.
-    With `tensor_parallel_size` > 1, one engine runs in each rank's process, each given
-    its `tensor_parallel` (rank, size, rendezvous): every rank runs the same requests
-    and returns the same outputs.
+    Its engine loop (rollout/loop.py) runs on a thread of its own; every method may be
+    called from any thread. With `tensor_parallel_size` > 1, one engine runs in each
+    rank's process, each given its `tensor_parallel` (rank, size, rendezvous): every
+    rank runs the same requests and returns the same outputs.
     """
 
     def __init__(self, config: Optional[EngineConfig] = None, *,
@@ -55,16 +71,14 @@ class LocalEngine:
         self.vocab_size = int(self.worker.hf_config.vocab_size)
         eos = load_eos_token_ids(Path(config.model), self.worker.hf_config)
         self.core = EngineCore(config, self.worker, eos, self.tokenizer)
-        self._rng = random.Random(config.seed)
-        self._next_request = 0
-        self._lock = threading.Lock()  # held by whoever drives the worker: generate() or an update
+        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed)
+        self.loop = EngineLoop(self.core, self.tokenizer)
         self._update_lock = threading.Lock()  # one weight update at a time
-        self._gate = UpdateGate(self._lock)
 
     @property
     def weight_version(self) -> int:
         """Version of the weights now serving: 0 for the checkpoint's, then each update's."""
-        return self.core.weight_version
+        return self.core.serving.version
 
     @property
     def max_model_len(self) -> int:
@@ -82,63 +96,49 @@ class LocalEngine:
         Every request is checked before any work starts; outputs keep prompt order.
         A progress bar appears on calls longer than a second unless `use_tqdm=False`.
         """
-        token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
-                                               self.max_model_len)
-        with self._lock:
-            self._gate.run_pending(PAUSE_MODES)
-            self.worker.check_ready()
-            requests = [self._add(prompt, p) for prompt, p in zip(token_prompts, params)]
-            total = sum(len(seqs) for _, seqs in requests)
-            with tqdm(total=total, disable=not use_tqdm, delay=1.0, desc="Generating", unit="sample") as bar:
-                self._run(bar)
-            return [self._output(rid, prompt, seqs) for (rid, seqs), prompt in zip(requests, token_prompts)]
-
-    def _add(self, prompt: list[int], params: SamplingParams) -> tuple[str, list[Sequence]]:
-        request_id = str(self._next_request)
-        self._next_request += 1
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return request_id, self.core.add_request(request_id, prompt, params, seed)
-
-    def _run(self, bar) -> None:
+        token_prompts, params = self.front.check(prompts, sampling_params)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        requests = [self.front.request(prompt, p, _Collect(i, results))
+                    for i, (prompt, p) in enumerate(zip(token_prompts, params))]
+        self.loop.add(requests, wait=False)
+        outputs: list[Optional[RolloutOutput]] = [None] * len(requests)
         try:
-            while self.core.has_work():
-                if self._gate.pending(("keep", "abort")):
-                    bar.update(self._update_between_steps())
-                    continue
-                bar.update(len(self.core.step()))
+            with tqdm(total=sum(p.n for p in params), disable=not use_tqdm, delay=1.0, desc="Generating",
+                      unit="sample") as bar:
+                for _ in requests:
+                    index, result = results.get()
+                    if isinstance(result, BaseException):
+                        raise result
+                    outputs[index] = result
+                    bar.update(len(result.samples))
         except BaseException:
-            self.core.abort_all()
+            if not self.loop.closed:  # the others end now; their partial samples are dropped
+                self.loop.abort([r.request_id for r in requests])
             raise
+        return outputs
 
-    def _update_between_steps(self) -> int:
-        """Run the queued keep / abort updates; returns how many samples ended meanwhile."""
-        ended = len(self.core.drain())  # a round still on the device computes with the weights it started with
-        jobs = self._gate.take(("keep", "abort"))
-        if any(job.mode == "abort" for job in jobs):
-            ended += self.core.abort_inflight()
-        self._gate.run(jobs)
-        if self.worker.missing_weights:  # the update broke: return what the requests have so far
-            ended += self.core.abort_inflight()
-        return ended
+    def pause_generation(self, mode: PauseMode = "keep") -> None:
+        """Stop generating once `mode` allows: "abort" ends the requests in flight now (finish_reason "abort"),
+        "wait" lets them finish, "keep" keeps them to continue after `resume_generation()`. Requests arriving
+        while paused wait. Weight updates, sleep and wake_up run at once while paused."""
+        check_pause_mode(mode)
+        self._wait(self.loop.pause(mode))
 
-    def _output(self, request_id: str, prompt: list[int], seqs: list[Sequence]) -> RolloutOutput:
-        return RolloutOutput(request_id=request_id, prompt_token_ids=prompt, samples=[self._sample(s) for s in seqs])
+    def resume_generation(self) -> None:
+        """Generate again: requests kept or held while paused continue."""
+        self._wait(self.loop.resume())
 
-    def _sample(self, seq: Sequence) -> Sample:
-        text = seq.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        versions = seq.weight_versions
-        return Sample(
-            token_ids=seq.output_ids,
-            logprobs=seq.logprobs if seq.params.logprobs else None,
-            top_logprobs=seq.top_logprobs if seq.params.top_logprobs else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            weight_version=versions[0] if versions else self.core.weight_version,
-            token_weight_versions=versions,
-            text=text,
-        )
+    def _job(self, run, mode: PauseMode = "keep"):
+        """Run `run` on the engine loop's thread between two steps under `mode`, and return its result."""
+        return self._wait(self.loop.job(run, mode))
+
+    @staticmethod
+    def _wait(future: Future):
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # interrupted before it started: it will not run
+            raise
 
     def load_weights(self, weights: Union[Iterable[tuple[str, torch.Tensor]], Mapping[str, torch.Tensor]],
                      version: Optional[int] = None, pause_mode: PauseMode = "wait") -> int:
@@ -154,36 +154,34 @@ class LocalEngine:
         `pause_mode` says ("wait", "keep" or "abort"; see the README). The prefix
         cache is cleared. Returns the new version.
         """
-        requested_version(version, self.weight_version)
+        serving = self.core.serving
+        serving.next_version(version)
         items = self.worker.check_load(weights)
 
         def run() -> int:
-            new = requested_version(version, self.weight_version)  # again: an earlier update may have landed
+            new = serving.next_version(version)  # again: an earlier update may have landed
             self.worker.load_weights(items)
-            self._serve_version(new)
+            serving.serve(new)
             return new
 
         with self._update_lock:
-            return self._gate.submit(run, pause_mode)
+            return self._job(run, pause_mode)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The serving parameters in the engine's own layout (this rank's slices), copied to the CPU."""
-        with self._lock:
-            return self.worker.kernel_weights()
+        return self._job(self.worker.kernel_weights)
 
     def import_weights(self, tensors: dict[str, torch.Tensor], version: int, pause_mode: PauseMode = "wait") -> int:
         """Serve another engine's `export_weights()` (same model and parallel layout) as `version`."""
 
         def run() -> int:
-            if version <= self.weight_version:
-                raise ValueError(f"version {version} is not newer than the serving weight_version "
-                                 f"{self.weight_version}")
+            self.core.serving.next_version(version)
             self.worker.load_kernel_weights(tensors)
-            self._serve_version(version)
+            self.core.serving.serve(version)
             return version
 
         with self._update_lock:
-            return self._gate.submit(run, pause_mode)
+            return self._job(run, pause_mode)
 
     def init_weight_transfer(self, init_info: Union[TransferInitInfo, dict], worker_index: Optional[int] = None) -> None:
         """Join a weight-transfer group with a trainer (NCCL, CUDA IPC or gloo; see `TransferInitInfo`).
@@ -210,21 +208,16 @@ class LocalEngine:
         WeightTransferError and generation is refused until a complete update arrives.
         """
         expected = None if update_info is None else UpdateInfo.model_validate(update_info)
-        if pause_mode not in PAUSE_MODES:
-            raise ValueError(f"pause_mode must be one of {', '.join(PAUSE_MODES)}, got {pause_mode!r}")
+        check_pause_mode(pause_mode)
         with self._update_lock:
             update = self.worker.next_update(expected, self.weight_version + 1)
 
             def run() -> int:
                 self.worker.receive_update(update)
-                self._serve_version(update.version)
+                self.core.serving.serve(update.version)
                 return update.version
 
-            return self._gate.submit(run, pause_mode)
-
-    def _serve_version(self, version: int) -> None:
-        self.core.block_manager.reset_prefix_cache()
-        self.core.weight_version = version
+            return self._job(run, pause_mode)
 
     def sleep(self, level: int = 1) -> None:
         """Give the device memory back (needs `enable_sleep_mode=True`).
@@ -232,43 +225,53 @@ class LocalEngine:
         Level 1 copies the weights to pinned host memory and discards the KV cache;
         level 2 discards both (generation then refuses until a full set of weights is
         loaded). Physical memory is released; addresses are kept for `wake_up`.
-        Refused while requests are in flight; sleeping again is harmless.
+        Refused while requests are in flight, unless generation is paused: requests
+        kept by `pause_generation("keep")` are then recomputed after `wake_up`.
+        Sleeping again is harmless.
         """
-        with self._idle("sleep"):
-            if not self.config.enable_sleep_mode:
-                raise RuntimeError("sleep() needs the sleepable memory pool: create the engine with "
-                                   "enable_sleep_mode=True")
+        if not self.config.enable_sleep_mode:
+            raise RuntimeError("sleep() needs the sleepable memory pool: create the engine with "
+                               "enable_sleep_mode=True")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
+
+        def run() -> None:
+            if self.core.has_work():
+                if not self.loop.paused:
+                    raise RuntimeError("sleep() is refused while requests are in flight; call it between "
+                                       "generate() calls, or pause_generation() first")
+                self.core.scheduler.preempt_all()  # their KV goes: they recompute after wake_up
             self.worker.sleep(level)
-            self.core.block_manager.reset_prefix_cache()
+            self.core.serving.drop_cache()
+
+        self._job(run)
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
         """Bring memory back at the same addresses: tags "weights", "kv_cache", or None for all.
 
         The RL pattern: `wake_up(["weights"])`, load new weights, then `wake_up(["kv_cache"])`.
-        The prefix cache starts empty; waking what is awake is harmless.
+        The prefix cache starts empty; waking what is awake is harmless. Requests that
+        waited for the engine to wake start once everything is awake.
         """
-        with self._idle("wake_up"):
-            self.worker.wake_up(tags)
+        self._job(lambda: self.worker.wake_up(tags))
 
     def memory_report(self) -> MemoryReport:
         """Arena sizes and residency, plus what else holds device memory."""
         return self.worker.memory_report()
 
-    @contextmanager
-    def _idle(self, what: str):
-        """Hold the engine for a call that must run between generate() calls."""
-        refused = RuntimeError(f"{what}() is refused while generate() has requests in flight; call it between "
-                               f"generate() calls")
-        if not self._lock.acquire(blocking=False):
-            raise refused
-        try:
-            if self.core.has_work():
-                raise refused
-            yield
-        finally:
-            self._lock.release()
+    def shutdown(self, abort: bool = False) -> None:
+        """Free the model, the KV cache and the memory pool and stop the engine loop; the engine cannot be used
+        afterwards. Refused while requests are in flight, unless `abort` (they end with finish_reason "abort")."""
+        if self.loop.closed:
+            return
 
-    def shutdown(self) -> None:
-        """Free the model, the KV cache and the memory pool; the engine cannot be used afterwards."""
-        with self._idle("shutdown"):
+        def run() -> None:
+            if self.core.has_work():
+                if not abort:
+                    raise RuntimeError("shutdown() is refused while requests are in flight; call it between "
+                                       "generate() calls, or shutdown(abort=True)")
+                self.loop.end_all()
             self.worker.shutdown()
+
+        self._job(run, "abort" if abort else "keep")
+        self.loop.close()

@@ -20,7 +20,9 @@ class Sequence:
     """Tokens (prompt + output so far), how many are in the KV cache, and the blocks holding them.
 
     `group` ties the n samples of one prompt together (they share prompt blocks);
-    `index` is the sample's position in its request.
+    `index` is the sample's position in its request. A sample that continues an earlier
+    partial one starts with that sample's tokens, logprobs and versions as output;
+    `max_output` is the output length it may reach (those tokens + max_tokens).
     """
 
     seq_id: int
@@ -31,6 +33,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     group: int
+    max_output: int
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -54,6 +57,11 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+    @property
+    def started(self) -> bool:
+        """Whether it has computed or produced anything (a request in flight, not merely queued)."""
+        return self.num_computed > 0 or bool(self.block_table) or self.num_output > 0
 
     @property
     def finished(self) -> bool:

@@ -183,4 +183,4 @@ def test_eos_token_id_outside_the_vocabulary_is_refused(ckpt, file, eos):
 
 def test_eos_token_ids_in_range_are_used(ckpt):
     edit_json(ckpt / "generation_config.json", lambda d: d.update(eos_token_id=[383, 0]))
-    assert engine_for(ckpt).core.eos_token_ids == {383, 0}
+    assert engine_for(ckpt).core.stops.eos_token_ids == {383, 0}

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from rollout import RolloutEngine, SamplingParams
 from rollout.block_manager import BlockManager
+from rollout.core import EngineCore
 from rollout.scheduler import ScheduledSeq, Scheduler
 from rollout.sequence import Sequence
 from checkpoints import load_reference
@@ -30,7 +31,8 @@ def scheduler(num_blocks=400, block_size=16, caching=True, max_num_seqs=256, bud
 def add(sched: Scheduler, prompt: list[int], n: int, max_tokens: int, group: int = 0) -> list[Sequence]:
     params = SamplingParams(n=n, max_tokens=max_tokens)
     seqs = [Sequence(seq_id=group * 10_000 + j, request_id=str(group), index=j, prompt_len=len(prompt),
-                     token_ids=list(prompt), params=params, seed=j, group=group) for j in range(n)]
+                     token_ids=list(prompt), params=params, seed=j, group=group, max_output=max_tokens)
+            for j in range(n)]
     for seq in seqs:
         sched.add(seq)
     return seqs
@@ -38,7 +40,8 @@ def add(sched: Scheduler, prompt: list[int], n: int, max_tokens: int, group: int
 
 def step(sched: Scheduler) -> list[ScheduledSeq]:
     """One step: the scheduled tokens are computed, each sampling sequence gets token 1 and ends at max_tokens."""
-    scheduled = sched.schedule()
+    plan = sched.schedule()
+    scheduled = plan.items if plan else []
     for item in scheduled:
         sampled = item.samples
         item.seq.num_computed += item.num_new
@@ -225,11 +228,13 @@ def test_samples_admitted_after_a_weight_update_use_the_new_weights(path, checkp
     sample every token with the new weights, so they match the reference of the new checkpoint."""
     new = checkpoint_dir("qwen3", seed=4)
     eng = engine(path, num_decode_steps=1)
-    seqs = eng.core.add_request("0", PROMPT, PARAMS, PARAMS.seed)
-    eng.core.step()
-    eng.load_weights(load_file(str(new / "model.safetensors")).items(), pause_mode="keep")
-    while eng.core.has_work():
-        eng.core.step()
+    core = EngineCore(eng.config, eng.worker, {2})  # a core of our own on the idle engine's worker
+    seqs = core.add_request("0", PROMPT, PARAMS, PARAMS.seed)
+    assert core.step(None)[0] is None and seqs[0].num_output == 1
+    eng.worker.load_weights(list(load_file(str(new / "model.safetensors")).items()))
+    core.serving.serve(1)
+    while core.has_work():
+        core.step(None)
     ref = Reference(load_reference(new), eos_ids={2})
     for j in (1, 7, 15):
         want = ref.generate(PROMPT, PARAMS, index=j)

@@ -6,7 +6,6 @@ import time
 import pytest
 
 from rollout import SamplingParams
-from rollout.pause import PAUSE_MODES
 from sync_helpers import PROMPTS, connect, engine_for, greedy, sync
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True, logprobs=True)
@@ -19,17 +18,18 @@ def long_old(old_and_new):
     return [o.samples[0].token_ids for o in outs]
 
 
-def hold_step_until_update_queued(engine, step: int):
-    """Make the engine's `step`-th step (a round of decode steps counts as one) wait until an update is
-    queued, so it surely lands mid-generation. Returns the original `step`, to put back afterwards."""
-    original, calls = engine.core.step, [0]
+def hold_step_until_update_queued(engine):
+    """Once a sample has 3 tokens, make the engine's next step wait until an update is queued, so it surely
+    lands mid-generation. Returns the original `step`, to put back afterwards."""
+    original, held_once = engine.core.step, []
 
-    def held():
-        calls[0] += 1
-        deadline = time.monotonic() + 30
-        while calls[0] == step and not engine._gate.pending(PAUSE_MODES) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        return original()
+    def held(queued):
+        if not held_once and any(s.num_output >= 3 for s in engine.core.scheduler.running):
+            held_once.append(True)
+            deadline = time.monotonic() + 30
+            while not engine.loop.pending_commands() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return original(queued)
 
     engine.core.step = held
     return original
@@ -37,7 +37,7 @@ def hold_step_until_update_queued(engine, step: int):
 
 def update_mid_generation(trainer, engine, new, mode):
     """Run a LONG generate in a thread and send an update after its 3rd token, mid-generation; return its samples."""
-    original = hold_step_until_update_queued(engine, step=3)
+    original = hold_step_until_update_queued(engine)
     result = {}
     thread = threading.Thread(target=lambda: result.update(outs=engine.generate(PROMPTS, LONG, use_tqdm=False)))
     thread.start()

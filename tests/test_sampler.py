@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from worker.batch import SamplingInfo
+from worker.steps import SamplingInfo
 from worker.model_runner import ModelRunner
 from worker.sampler import hashed_uniform, sample
 

@@ -322,7 +322,7 @@ def eos_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_min_tokens_and_eos(eos_ckpt, ignore_eos):
     engine = make_engine(eos_ckpt)
-    assert engine.core.eos_token_ids == set(EOS_IDS)
+    assert engine.core.stops.eos_token_ids == set(EOS_IDS)
     eref = Reference(load_reference(eos_ckpt), eos_ids=EOS_IDS)
     count = 12
     params = [SamplingParams(seed=500 + i, max_tokens=10, min_tokens=3, ignore_eos=ignore_eos, logprobs=True)

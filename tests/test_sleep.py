@@ -1,6 +1,7 @@
 """Sleep / wake of the memory pool on CPU: outputs kept (level 1), refusals until weights return (level 2)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -124,24 +125,25 @@ def test_misuse_errors(path):
 
 
 def test_sleep_refused_while_generate_runs(path):
+    """sleep() lands between two steps; with requests still in flight there, it is refused."""
     engine = make(path)
-    started, release = threading.Event(), threading.Event()
-    launch = engine.worker.launch
+    launch, started = engine.worker.launch, threading.Event()
 
-    def slow(batch):
+    def slow(batch):  # the first step waits until sleep() has been asked for
         started.set()
-        release.wait(10)
+        deadline = time.monotonic() + 30
+        while not engine.loop.pending_commands() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.worker.launch = launch
         return launch(batch)
 
     engine.worker.launch = slow
     thread = threading.Thread(target=run, args=(engine,))
     thread.start()
-    started.wait(10)
-    with pytest.raises(RuntimeError, match="refused while generate\\(\\) has requests in flight"):
+    assert started.wait(30)
+    with pytest.raises(RuntimeError, match="refused while requests are in flight"):
         engine.sleep()
-    release.set()
     thread.join()
-    engine.worker.launch = launch
     engine.sleep()
     engine.wake_up()
 

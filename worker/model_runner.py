@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.batch import Batch, SamplingInfo, SeqChunk, StepOutput
 from worker.cuda_graphs import DecodeGraphs
 from worker.models.llama import CausalLM, ForwardContext
 from worker.sampler import SamplerOutput, SamplingTensors, sample, torch_sample
+from worker.steps import Batch, Round, SamplingInfo, SeqChunk, StepOutput
 
 
 class ModelRunner:
@@ -32,7 +32,7 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def launch(self, batch: Batch) -> "Round":
+    def launch(self, batch: Batch) -> Round:
         """Start the batch's step(s) (decode rounds run several, each step's tokens feeding the next)."""
         chunks = batch.chunks
         if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
@@ -43,10 +43,10 @@ class ModelRunner:
         return self._run_eager(chunks, batch.num_steps)
 
     @torch.inference_mode()
-    def resume(self, previous: "Round", num_steps: int, tables: list[list[int]]) -> "Round":
+    def resume(self, previous: Round, num_steps: int, tables: list[list[int]]) -> Round:
         """Run `num_steps` more decode steps of a round's sequences (plain sampling), queued behind it; `tables`
         are their block tables, grown for the new steps."""
-        if previous.graph:  # the device holds the next step's inputs
+        if previous.advanced_on_device:
             out, _ = self.graphs.resume(tables, num_steps)
             return Round.started(out, num_steps)
         last = previous.outputs()[-1].token_ids
@@ -54,7 +54,7 @@ class ModelRunner:
                   for c, token, table in zip(previous.chunks, last, tables)]
         return self._run_eager(chunks, num_steps)
 
-    def _run_eager(self, chunks: list[SeqChunk], num_steps: int) -> "Round":
+    def _run_eager(self, chunks: list[SeqChunk], num_steps: int) -> Round:
         outputs = [self._execute_eager(chunks)]
         for _ in range(num_steps - 1):
             chunks = [_advance(c, token) for c, token in zip(chunks, outputs[-1].token_ids)]
@@ -71,7 +71,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_rows])
         return _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
 
-    def _launch_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> "Round":
+    def _launch_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> Round:
         bs = self.block_size
         ints = [
             [c.token_ids[0] for c in chunks],
@@ -140,42 +140,6 @@ def _plain(infos: list[SamplingInfo]) -> bool:
     """No row uses top-k, top-p, min-p, banned tokens or top logprobs (the in-graph fused sampler suffices)."""
     return not any(0 < i.top_k or i.top_p < 1.0 or i.min_p > 0 or i.banned_token_ids or i.top_logprobs
                    for i in infos)
-
-
-class Round:
-    """Steps started on the device; `outputs()` waits for them (the host's one synchronisation).
-
-    `chunks` (eager rounds) are the last step's, for `ModelRunner.resume`; `graph` rounds resume on the device.
-    """
-
-    def __init__(self, num_steps: int, chunks: Optional[list[SeqChunk]] = None,
-                 ready: Optional[list[StepOutput]] = None, graph: bool = False):
-        self.num_steps = num_steps
-        self.chunks = chunks
-        self.graph = graph  # replayed from a CUDA graph whose inputs were left at the next step
-        self._ready = ready
-        self._host: Optional[torch.Tensor] = None
-        self._event: Optional[torch.cuda.Event] = None
-
-    @classmethod
-    def started(cls, out: SamplerOutput, num_steps: int) -> "Round":
-        """A round of plain-sampled tokens still on the device ([num_steps, B]): copy them out asynchronously."""
-        rnd = cls(num_steps, graph=True)
-        packed = torch.cat([out.token_ids.T.double(), out.logprobs.T.double()], dim=1)
-        rnd._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        rnd._host.copy_(packed, non_blocking=True)
-        rnd._event = torch.cuda.Event()
-        rnd._event.record()
-        return rnd
-
-    def outputs(self) -> list[StepOutput]:
-        """One StepOutput per step."""
-        if self._ready is None:
-            self._event.synchronize()
-            rows, k = self._host.tolist(), self.num_steps
-            empty = [[] for _ in rows]
-            self._ready = [StepOutput([int(r[j]) for r in rows], [r[k + j] for r in rows], empty) for j in range(k)]
-        return self._ready
 
 
 def _advance(chunk: SeqChunk, token: int) -> SeqChunk:

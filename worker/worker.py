@@ -10,7 +10,6 @@ import torch
 
 from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferError, WeightUpdateRejected
 from worker.attention import get_attention_backend
-from worker.batch import Batch
 from worker.config import WorkerConfig
 from worker.errors import EngineSleepingError, WeightsInvalidError
 from worker.loader import (check_tensors, checkpoint_files, checkpoint_headers, iter_checkpoint, load_config,
@@ -18,10 +17,11 @@ from worker.loader import (check_tensors, checkpoint_files, checkpoint_headers, 
 from worker.memory import MemoryPool
 from worker.memory.pool import KV_CACHE, TAGS, WEIGHTS
 from worker.memory.report import MemoryReport, memory_report
-from worker.model_runner import ModelRunner, Round
+from worker.model_runner import ModelRunner
 from worker.models.llama import CausalLM
 from worker.models.registry import build_model
 from worker.parallel import TensorParallel, TensorParallelInit, check_divides
+from worker.steps import Batch, Round
 from worker.updates import check_update, direct_target, make_apply, touched_names
 
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -227,6 +227,11 @@ class Worker:
                 raise
             raise WeightTransferError(f"update version {update.version} broke while being applied: {exc}") from exc
         self.missing_weights -= names
+
+    def bind_thread(self) -> None:
+        """Make the worker's device current on the calling thread (the engine loop's)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def _on_device(self):
         """Make the worker's device current (updates may run on another thread than the one that built it)."""
