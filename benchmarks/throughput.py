@@ -15,6 +15,10 @@ against the same samples sent as separate prompts (each prompt --n times with n=
 run. After a warm-up call of each, the two alternate for --repeats calls each, on
 fresh random prompts every call (no prefix-cache hits across calls); it prints the
 median output tokens / s of each. `--device cpu` runs it on the CPU (e.g. a tiny config).
+
+Async API (issue 12): `--api async` runs the chosen workload through AsyncRolloutEngine (one
+concurrent `generate` per prompt) beside the synchronous `generate` in the same run, and the
+latency of --streams concurrent streams; see benchmarks/async_api.py.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.async_api import report_async
 from benchmarks.common import git_commit, write_random_checkpoint
 from rollout import EngineConfig, RolloutEngine, SamplingParams
 
@@ -202,10 +207,14 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=EngineConfig.model_fields["num_decode_steps"].default,
                         help="num_decode_steps of our engine")
     parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
+    parser.add_argument("--api", choices=["sync", "async"], default="sync",
+                        help="async: the workload through AsyncRolloutEngine beside the synchronous call")
+    parser.add_argument("--streams", type=int, default=64, help="concurrent streams timed for latency (async)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not args.device.startswith("cuda") and args.workload != "grpo":
-        parser.error("--device applies to --workload grpo only (the others measure against the GPU's roofline)")
+    if not args.device.startswith("cuda") and args.workload != "grpo" and args.api != "async":
+        parser.error("--device applies to --workload grpo and --api async only (the others measure against the "
+                     "GPU's roofline)")
     args.prompts = args.prompts or (64 if args.workload == "grpo" else 256)
     if not (Path(args.checkpoint) / "config.json").exists():
         write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
@@ -214,6 +223,9 @@ def main() -> None:
         report_grpo(args, vocab)
         return
     prompts, params, max_len = workload(args, vocab)
+    if args.api == "async":
+        report_async(args, prompts, params, max_len)
+        return
     bandwidth = copy_bandwidth()
     ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len, args.decode_steps)
     step = roofline(engine, timer, bandwidth)

@@ -6,9 +6,7 @@ from typing import Optional
 
 from rollout.config import EngineConfig
 from rollout.local_engine import LocalEngine, engine_config
-from rollout.ray_engine import RayEngine
-
-RAY_OPTIONS = ("placement_group", "bundle_indices", "num_gpus_per_worker", "call_timeout_s")
+from rollout.ray_engine import RAY_OPTIONS, RayEngine
 
 
 class RolloutEngine(LocalEngine):

@@ -100,7 +100,9 @@ class LocalEngine:
         results: queue.SimpleQueue = queue.SimpleQueue()
         requests = [self.front.request(prompt, p, _Collect(i, results))
                     for i, (prompt, p) in enumerate(zip(token_prompts, params))]
-        self.loop.add(requests, wait=False)
+        for request in requests:
+            request.wait = False
+        self.loop.add(requests)
         outputs: list[Optional[RolloutOutput]] = [None] * len(requests)
         try:
             with tqdm(total=sum(p.n for p in params), disable=not use_tqdm, delay=1.0, desc="Generating",

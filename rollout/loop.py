@@ -45,10 +45,10 @@ class EngineLoop:
 
     # ---- called from any thread ----
 
-    def add(self, requests: list[Request], wait: bool = True) -> None:
-        """Queue requests; results go to their sinks. While generation is paused or the engine asleep they wait
-        (`wait=True`) or are refused with EnginePausedError / EngineSleepingError."""
-        self._post(lambda: self._add(requests, wait))
+    def add(self, requests: list[Request]) -> None:
+        """Queue requests (started together); results go to their sinks. While generation is paused or the engine
+        asleep they wait, or (`Request.wait` False) are refused with EnginePausedError / EngineSleepingError."""
+        self._post(lambda: self._add(requests))
 
     def abort(self, request_ids: list[str]) -> Future:
         """End these requests now (finish_reason "abort"); the future gives, per id, whether it was in flight."""
@@ -151,7 +151,7 @@ class EngineLoop:
     def _end(self, request_id: str) -> Request:
         return self._requests.pop(request_id)
 
-    def _add(self, requests: list[Request], wait: bool) -> None:
+    def _add(self, requests: list[Request]) -> None:
         for request in requests:
             if request.request_id in self._requests:
                 request.sink.failed(InvalidRequestError(
@@ -160,7 +160,7 @@ class EngineLoop:
                 continue
             self._requests[request.request_id] = request
             if self._holding():
-                self._hold(request, wait)
+                self._hold(request)
             else:
                 self._start(request)
 
@@ -168,8 +168,8 @@ class EngineLoop:
         """Whether new requests must wait: paused, asleep, or a "wait" job waits for the requests in flight."""
         return self.paused or bool(self.worker.pool.asleep()) or any(job.mode == "wait" for job in self._jobs)
 
-    def _hold(self, request: Request, wait: bool) -> None:
-        if wait or not (self.paused or self.worker.pool.asleep()):
+    def _hold(self, request: Request) -> None:
+        if request.wait or not (self.paused or self.worker.pool.asleep()):
             self._held.append(request)
             return
         self._end(request.request_id)

@@ -7,9 +7,11 @@ tensor-parallel group all run the same calls (SPMD); only rank 0 returns outputs
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Optional
 
+from rollout.async_local import AsyncLocalEngine
 from rollout.config import EngineConfig
 from rollout.local_engine import LocalEngine
 from weight_sync import free_port
@@ -50,6 +52,43 @@ class RankActor:
         return self.engine.weight_version
 
     def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+class AsyncRankActor:
+    """A replica of `AsyncRolloutEngine(executor="ray")`: an asyncio Ray actor serving one in-process
+    AsyncRolloutEngine (tensor_parallel_size 1). Streams are Ray streaming generators; engine calls that block
+    run in a thread, so streams keep flowing meanwhile."""
+
+    def __init__(self, replica: int, rank: int):
+        self.replica = replica
+        self.engine = None
+
+    async def start(self, config: dict, tensor_parallel: Optional[dict]) -> int:
+
+        config = EngineConfig(**{**config, "executor": "local", "data_parallel_size": 1})
+        self.engine = await asyncio.to_thread(AsyncLocalEngine, config)
+        return self.engine.weight_version
+
+    async def stream(self, prompt: list[int], params, request_id: str, partial, wait: bool):
+        """Yield the request's SampleDeltas (a Ray streaming generator)."""
+        async for delta in self.engine.generate_stream(prompt, params, request_id, partial=partial, wait=wait):
+            yield delta
+
+    async def generate(self, prompt: list[int], params, request_id: str, partial, wait: bool):
+        return await self.engine.generate(prompt, params, request_id, partial=partial, wait=wait)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)
+
+    async def call(self, method: str, *args, **kwargs):
+        """Run one LocalEngine method by name in a thread (sleep, load_weights, update_weights, ...)."""
+
+        return await asyncio.to_thread(getattr(self.engine.engine, method), *args, **kwargs)
+
+    async def pid(self) -> int:
         import os
 
         return os.getpid()

@@ -10,7 +10,6 @@ other replicas keep serving, and `restart_replica` brings it back.
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence as Seq, Union
@@ -20,10 +19,14 @@ from rollout.errors import ReplicaError
 from rollout.outputs import RolloutOutput
 from rollout.ray_actor import RankActor
 from rollout.sampling_params import SamplingParams
-from rollout.validation import check_requests, load_tokenizer
+from rollout.requests import RequestFront
+from rollout.validation import load_tokenizer
 from weight_sync import UpdateInfo, new_secret
 from worker.loader import load_config, named_tensors
 from worker.updates import requested_version
+
+
+RAY_OPTIONS = ("placement_group", "bundle_indices", "num_gpus_per_worker", "call_timeout_s")
 
 
 def ray_available() -> dict:
@@ -42,7 +45,8 @@ class RayEngine:
     """
 
     def __init__(self, config: EngineConfig, placement_group=None, bundle_indices: Optional[list[int]] = None,
-                 num_gpus_per_worker: Optional[float] = None, call_timeout_s: float = 600.0):
+                 num_gpus_per_worker: Optional[float] = None, call_timeout_s: float = 600.0,
+                 actor_class: type = RankActor):
         import ray
 
         if not ray.is_initialized():
@@ -50,6 +54,7 @@ class RayEngine:
         self.config = config
         self.dp, self.tp = config.data_parallel_size, config.tensor_parallel_size
         self.call_timeout_s = call_timeout_s
+        self._actor_class = actor_class
         gpus = num_gpus_per_worker
         if gpus is None:
             gpus = 1 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -59,8 +64,7 @@ class RayEngine:
         hf = load_config(Path(config.model))
         self.vocab_size = int(hf.vocab_size)
         self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)
-        self._rng = random.Random(config.seed)
-        self._next_request = 0
+        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed)
         self._lock = threading.Lock()
         self._load = [0] * self.dp
         # with tensor parallelism every rank must see a replica's calls in the same order: one at a time
@@ -92,13 +96,14 @@ class RayEngine:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        remote = ray.remote(RankActor)
+        remote = ray.remote(self._actor_class)
+        concurrency = 1000 if self._actor_class is not RankActor else 8  # async actors: concurrent streams
         actors = []
         for rank in range(self.tp):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=self._bundles[
                 replica * self.tp + rank])
             actors.append(remote.options(num_cpus=1 if not self._gpus else 0, num_gpus=self._gpus,
-                                         max_concurrency=8, scheduling_strategy=strategy).remote(replica, rank))
+                                         max_concurrency=concurrency, scheduling_strategy=strategy).remote(replica, rank))
         self.replicas[replica] = actors
         tp = None
         if self.tp > 1:
@@ -114,12 +119,10 @@ class RayEngine:
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  use_tqdm: bool = True) -> list[RolloutOutput]:
         """Like RolloutEngine.generate; prompts are spread over the replicas serving the current weights."""
-        token_prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
-                                               self.max_model_len)
+        token_prompts, params = self.front.check(prompts, sampling_params)
         with self._lock:
-            seeds = [p.seed if p.seed is not None else self._rng.getrandbits(63) for p in params]
-            first = self._next_request
-            self._next_request += len(token_prompts)
+            seeds = [self.front.seed(p) for p in params]
+            ids = [self.front.new_id() for _ in params]
             plan = self._assign(token_prompts, params)
         outputs: list[Optional[RolloutOutput]] = [None] * len(token_prompts)
         try:
@@ -130,7 +133,7 @@ class RayEngine:
                     refs[replica] = [a.generate.remote(*args) for a in self.replicas[replica]]
                 for replica, items in plan.items():
                     for i, out in zip(items, self._get(replica, refs[replica], timeout=None)[0]):
-                        outputs[i] = out.model_copy(update={"request_id": str(first + i)})
+                        outputs[i] = out.model_copy(update={"request_id": ids[i]})
         finally:
             with self._lock:
                 for replica, items in plan.items():
@@ -140,6 +143,15 @@ class RayEngine:
     @staticmethod
     def _cost(prompt: list[int], params: SamplingParams) -> int:
         return params.n * (len(prompt) + params.max_tokens)
+
+    def assign_one(self, prompt: list[int], params: SamplingParams) -> int:
+        """The replica for one request (counted in its load until `release_one`)."""
+        with self._lock:
+            return self._assign([prompt], [params]).popitem()[0]
+
+    def release_one(self, replica: int, prompt: list[int], params: SamplingParams) -> None:
+        with self._lock:
+            self._load[replica] -= self._cost(prompt, params)
 
     def _assign(self, prompts: list[list[int]], params: list[SamplingParams]) -> dict[int, list[int]]:
         """Prompt indices per replica, each prompt to the least loaded replica serving the current weights."""
@@ -161,15 +173,24 @@ class RayEngine:
 
         try:
             return ray.get(refs, timeout=self.call_timeout_s if timeout == -1.0 else timeout)
-        except ray.exceptions.RayActorError as exc:
+        except Exception as exc:  # noqa: BLE001 - translated below
+            self.failed(replica, exc)
+            raise
+
+    def failed(self, replica: int, exc: Exception) -> None:
+        """Raise a Ray error of `replica`'s actors as what it means: a ReplicaError for a dead or silent actor
+        (whose replica is then dropped), the actor's own exception for a failed call. Returns for other errors."""
+        import ray
+
+        if isinstance(exc, ray.exceptions.RayActorError):
             for actor in self.replicas[replica]:  # its other ranks cannot go on alone
                 ray.kill(actor)
             self.replicas[replica] = []
             raise ReplicaError(f"replica {replica} lost an actor ({type(exc).__name__}); the other replicas keep "
                                f"serving; restart_replica({replica}) brings it back") from exc
-        except ray.exceptions.GetTimeoutError as exc:
+        if isinstance(exc, ray.exceptions.GetTimeoutError):
             raise ReplicaError(f"replica {replica} did not answer within {self.call_timeout_s}s") from exc
-        except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc, ray.exceptions.RayTaskError):
             raise exc.as_instanceof_cause() from None
 
     def _wait(self, ref, what: str) -> None:
@@ -188,7 +209,7 @@ class RayEngine:
             stack.enter_context(self._replica_locks[replica])
         return stack
 
-    def _fan_out(self, method: str, *args, per_rank=None, record=None, **kwargs) -> dict[int, Any]:
+    def fan_out(self, method: str, *args, per_rank=None, record=None, **kwargs) -> dict[int, Any]:
         """Call an engine method on every rank of every live replica; rank 0's result per replica.
 
         Every replica is waited for; `record(results)` sees those that succeeded
@@ -211,14 +232,14 @@ class RayEngine:
         return results
 
     def sleep(self, level: int = 1) -> None:
-        self._fan_out("sleep", level)
+        self.fan_out("sleep", level)
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        self._fan_out("wake_up", tags)
+        self.fan_out("wake_up", tags)
 
     def memory_report(self) -> list:
         """Rank 0's MemoryReport of each live replica."""
-        return list(self._fan_out("memory_report").values())
+        return list(self.fan_out("memory_report").values())
 
     def load_weights(self, weights: Iterable, version: Optional[int] = None, pause_mode: str = "wait") -> int:
         """Load the same checkpoint-format tensors into every rank (sent through Ray's object store)."""
@@ -227,7 +248,7 @@ class RayEngine:
         new = requested_version(version, self.weight_version)
         self._check_pause_mode(pause_mode)
         items = ray.put(named_tensors(weights, "load_weights"))  # checked before anything is sent
-        self._fan_out("load_weights", items, new, pause_mode, record=lambda done: self._set_versions(new, done))
+        self.fan_out("load_weights", items, new, pause_mode, record=lambda done: self._set_versions(new, done))
         return new
 
     @property
@@ -237,7 +258,7 @@ class RayEngine:
 
     def init_weight_transfer(self, init_info) -> None:
         """Join every rank to the trainer's group: replica r, rank k is worker r * tensor_parallel_size + k."""
-        self._fan_out("init_weight_transfer", per_rank=lambda r, k: (init_info, r * self.tp + k))
+        self.fan_out("init_weight_transfer", per_rank=lambda r, k: (init_info, r * self.tp + k))
 
     def update_weights(self, update_info=None, pause_mode: str = "wait") -> int:
         """Every rank receives the trainer's next update (see RolloutEngine.update_weights).
@@ -247,7 +268,7 @@ class RayEngine:
         """
         self._check_pause_mode(pause_mode)
         full = update_info is not None and not UpdateInfo.model_validate(update_info).partial
-        results = self._fan_out("update_weights", update_info, pause_mode,
+        results = self.fan_out("update_weights", update_info, pause_mode,
                                 record=lambda done: self._set_versions(max(done.values(), default=0), done, full))
         return max(results.values())
 

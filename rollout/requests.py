@@ -40,6 +40,7 @@ class Request:
     seed: int
     sink: Sink
     continuation: Optional[Continuation] = None
+    wait: bool = True  # while paused or asleep: wait, or be refused
     seqs: list[Sequence] = field(default_factory=list)
     num_running: int = 0  # samples not ended yet
 
@@ -81,10 +82,11 @@ class RequestFront:
         """A checked request (prompt already checked by `check`); `partial` continues an earlier sample."""
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
-        continuation = None if partial is None else self._continuation(prompt, params, partial)
+        continuation = None if partial is None else self.continuation(prompt, params, partial)
         return Request(request_id or self.new_id(), prompt, params, self.seed(params), sink, continuation)
 
-    def _continuation(self, prompt: list[int], params: SamplingParams, partial) -> Continuation:
+    def continuation(self, prompt: list[int], params: SamplingParams, partial) -> Continuation:
+        """The checked `Continuation` of a partial sample, or InvalidRequestError."""
         if not isinstance(partial, PartialSample):
             partial = PartialSample.model_validate(partial)
         tokens = partial.token_ids

@@ -299,7 +299,8 @@ def test_event_loop_lag_stays_small_while_the_engine_runs_flat_out(engine):
 
     lags = asyncio.run(main())
     assert len(lags) > 20
-    assert statistics.median(lags) < 0.020, f"median event-loop lag {statistics.median(lags) * 1e3:.1f} ms"
+    p95 = sorted(lags)[int(0.95 * len(lags))]
+    assert p95 < 0.020, f"event-loop lag p95 {p95 * 1e3:.1f} ms (median {statistics.median(lags) * 1e3:.1f} ms)"
 
 
 def test_bad_input_gets_a_specific_error_and_the_engine_keeps_serving(engine):

@@ -88,3 +88,45 @@ def test_batches_past_the_largest_graph_run_eagerly(checkpoint_dir):
     assert max(small.worker.runner.graphs.graphs) == 16
     assert_same(run(small, prompts, params), run(engine(path, dtype="float32", enforce_eager=True), prompts, params),
                 atol=1e-4)
+
+
+def test_async_streams_on_the_fast_path_equal_one_generate_and_abort_mid_round(checkpoint_dir):
+    """64 concurrent streams (CUDA graphs, decode rounds) equal one synchronous generate; an abort while decode
+    rounds are queued ends that stream only, and returns every KV block."""
+    import asyncio
+
+    from rollout import AsyncRolloutEngine
+
+    eng = AsyncRolloutEngine(model=str(checkpoint_dir("qwen3")), device="cuda", dtype="float32", num_kv_blocks=512,
+                             block_size=16)
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + i % 23)] for i in range(64)]
+    params = [SamplingParams(temperature=(i % 3) * 0.5, max_tokens=40, ignore_eos=True, logprobs=True, seed=i)
+              for i in range(64)]
+    want = eng.engine.generate(prompts, params, use_tqdm=False)
+
+    async def stream(prompt, p, rid):
+        tokens, logprobs, finish = [], [], None
+        async for delta in eng.generate_stream(prompt, p, request_id=rid):
+            tokens += delta.token_ids
+            logprobs += delta.logprobs
+            finish = delta.finish_reason
+            if rid == "cut" and len(tokens) >= 9 and finish is None:
+                await eng.abort("cut")
+        return tokens, logprobs, finish
+
+    async def main():
+        cut = asyncio.ensure_future(stream(prompts[0], params[0].model_copy(update={"max_tokens": 400}), "cut"))
+        got = await asyncio.gather(*(stream(p, s, str(i)) for i, (p, s) in enumerate(zip(prompts, params))))
+        return got, await cut
+
+    try:
+        got, cut = asyncio.run(main())
+        for (tokens, logprobs, finish), out in zip(got, want):
+            assert tokens == out.samples[0].token_ids and finish == "length"
+            assert max(abs(a - b) for a, b in zip(logprobs, out.samples[0].logprobs)) <= 2e-3
+        n = min(len(cut[0]), 40)  # greedy: the first 40 are those of the 40-token sample
+        assert cut[2] == "abort" and 9 <= len(cut[0]) < 400 and cut[0][:n] == want[0].samples[0].token_ids[:n]
+        manager = eng.engine.core.block_manager
+        assert manager.num_free == len(manager.blocks)
+    finally:
+        asyncio.run(eng.shutdown())

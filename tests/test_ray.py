@@ -107,3 +107,51 @@ def test_weight_update_reaches_every_worker_and_dead_actor_recovers(checkpoint_d
         assert tokens(engine.generate(PROMPTS, GREEDY)) == expected
     finally:
         engine.shutdown()
+
+
+def test_async_replicas_stream_like_one_process_abort_and_update(checkpoint_dir):
+    """AsyncRolloutEngine(executor="ray"): concurrent streams over two replicas equal one process's generate;
+    abort ends a stream mid-way; load_weights reaches both replicas."""
+    import asyncio
+
+    from rollout import AsyncRolloutEngine, PartialSample
+    from safetensors.torch import load_file
+
+    old, new = str(checkpoint_dir("qwen3", 0)), str(checkpoint_dir("qwen3", 1))
+    params = [SEEDED.model_copy(update={"seed": 20 + i}) for i in range(len(PROMPTS))] * 2
+    prompts = PROMPTS * 2
+    expected = RolloutEngine(model=old, **CONFIG).generate(prompts, params, use_tqdm=False)
+    expected_new = tokens(RolloutEngine(model=new, **CONFIG).generate(PROMPTS, GREEDY, use_tqdm=False))
+    engine = AsyncRolloutEngine(model=old, executor="ray", data_parallel_size=2, **CONFIG)
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, logprobs=True)
+
+    async def stream(prompt, p):
+        got: dict[int, list[int]] = {}
+        async for delta in engine.generate_stream(prompt, p):
+            got.setdefault(delta.index, []).extend(delta.token_ids)
+        return [got[i] for i in sorted(got)]
+
+    async def main():
+        streams = await asyncio.gather(*(stream(p, s) for p, s in zip(prompts, params)))
+        assert streams == tokens(expected)
+        outs = []
+        async for delta in engine.generate_stream(PROMPTS[0], long, request_id="cut"):
+            outs.append(delta)
+            if len(outs) == 1:
+                assert await engine.abort("cut")
+        assert outs[-1].finish_reason == "abort" and sum(len(d.token_ids) for d in outs) < 100
+        partial = PartialSample(token_ids=[t for d in outs for t in d.token_ids],
+                                logprobs=[x for d in outs for x in d.logprobs])
+        whole = await engine.generate(PROMPTS[0], long)
+        rest = long.model_copy(update={"max_tokens": 100 - len(partial.token_ids)})
+        cont = await engine.generate(PROMPTS[0], rest, partial=partial)
+        assert cont.samples[0].token_ids == whole.samples[0].token_ids
+        assert await engine.load_weights(load_file(f"{new}/model.safetensors"), pause_mode="keep") == 1
+        late = await asyncio.gather(*(engine.generate(p, GREEDY) for p in PROMPTS))
+        assert tokens(late) == expected_new
+        assert all(o.samples[0].token_weight_versions == [1] * 10 for o in late)
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown())

@@ -324,6 +324,10 @@ class Worker:
         if self.pool is not None:
             self.pool.close()
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:  # the engine loop thread's cuBLAS workspaces
+                clear_workspaces()
             torch.cuda.empty_cache()
 
     def memory_report(self) -> MemoryReport:
