@@ -60,7 +60,7 @@ def align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int) 
 @triton.jit
 def _w13_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, expert_ptr, pairs, hidden, inter, top_k,
                 stride_x, stride_we, stride_wn, stride_out,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     block, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(expert_ptr + block).to(tl.int64)
     if expert < 0:
@@ -80,8 +80,8 @@ def _w13_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, expert_ptr, pairs, hidden, inte
         b_mask = k_ok[:, None] & col_ok[None, :]
         b_gate = tl.load(w + cols[None, :] * stride_wn + ks[:, None], mask=b_mask, other=0.0)
         b_up = tl.load(w + (cols[None, :] + inter) * stride_wn + ks[:, None], mask=b_mask, other=0.0)
-        gate = tl.dot(a, b_gate, gate)
-        up = tl.dot(a, b_up, up)
+        gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+        up = tl.dot(a, b_up, up, input_precision=PRECISION)
     h = gate * tl.sigmoid(gate) * up
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -90,7 +90,7 @@ def _w13_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, expert_ptr, pairs, hidden, inte
 @triton.jit
 def _w2_kernel(h_ptr, w_ptr, out_ptr, weight_ptr, rows_ptr, expert_ptr, pairs, hidden, inter,
                stride_h, stride_we, stride_wn, stride_out,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     block, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(expert_ptr + block).to(tl.int64)
     if expert < 0:
@@ -107,7 +107,7 @@ def _w2_kernel(h_ptr, w_ptr, out_ptr, weight_ptr, rows_ptr, expert_ptr, pairs, h
         k_ok = ks < inter
         a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     scale = tl.load(weight_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     out = out_ptr + rows64[:, None] * stride_out + cols[None, :]
     tl.store(out, (acc * scale[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -130,14 +130,15 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     out = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # other ranks' pairs stay zero
     num_blocks = block_expert.numel()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32: exact dots, not TF32
     bn, bk = _block(inter, 64), _block(hidden, 64)
     _w13_kernel[(num_blocks, triton.cdiv(inter, bn))](
         x, w13, h, rows, block_expert, pairs, hidden, inter, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision)
     bn, bk = _block(hidden, 64), _block(inter, 64)
     _w2_kernel[(num_blocks, triton.cdiv(hidden, bn))](
         h, w2, out, weights.contiguous().view(-1), rows, block_expert, pairs, hidden, inter,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision)
     return out.view(tokens, top_k, hidden).sum(dim=1)
