@@ -103,3 +103,40 @@ def test_bad_expert_tensors_are_refused(checkpoint_dir, tmp_path):
 def test_expert_parallel_size_must_divide_tensor_parallel_size(checkpoint_dir):
     with pytest.raises(ValueError, match="expert_parallel_size=2 must divide tensor_parallel_size=1"):
         engine_for(checkpoint_dir("qwen3-moe"), expert_parallel_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", MOE + ["qwen3-moe-tied", "qwen2-moe-tied"])
+def test_fused_experts_on_cuda_match_transformers(checkpoint_dir, variant):
+    """fp32 on CUDA: Triton fused experts, decode steps from CUDA graphs; greedy tokens and logprobs of the
+    transformers forward."""
+    from test_parity import PROMPTS as PARITY_PROMPTS, reference_greedy
+
+    path = checkpoint_dir(variant)
+    engine = RolloutEngine(model=str(path), device="cuda", dtype="float32", num_kv_blocks=128, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=True, logprobs_mode="raw")
+    outs = engine.generate(PARITY_PROMPTS, params, use_tqdm=False)
+    reference = load_reference(path)
+    for prompt, out in zip(PARITY_PROMPTS, outs):
+        tokens, logprobs = reference_greedy(reference, prompt)
+        assert out.samples[0].token_ids == tokens
+        assert max(abs(a - b) for a, b in zip(out.samples[0].logprobs, logprobs)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_routed_experts_recorded_on_cuda(checkpoint_dir):
+    """The prefill forward on CUDA (fused path) records transformers' router choices."""
+    path = checkpoint_dir("qwen3-moe")
+    engine = RolloutEngine(model=str(path), device="cuda", dtype="float32", num_kv_blocks=64,
+                           enable_prefix_caching=False)
+    model = engine.worker.model
+    buffer = torch.full((64, 2, 2), -1, dtype=torch.int16, device="cuda")
+    model.record_routed_experts(buffer)
+    prompt = list(range(30, 75))
+    engine.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+    with torch.no_grad():
+        logits = load_reference(path)(torch.tensor([prompt]), output_router_logits=True).router_logits
+    expected = torch.stack([torch.topk(torch.softmax(x.float(), -1), 2, dim=-1).indices for x in logits], 1)
+    assert torch.equal(buffer[: len(prompt)].cpu().long(), expected)
