@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from worker.models.moe import is_sparse_layer
+
 MODELS = Path(__file__).parent / "models"  # copies of ../shared/models configs
 
 
 def hf_names_and_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Checkpoint-format tensor names and shapes of a Llama-family config."""
+    """Checkpoint-format tensor names and shapes of a Llama-family config (MoE: experts one by one)."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -29,11 +31,30 @@ def hf_names_and_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{layer}."
         names += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
-                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                  (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
-                  (p + "post_attention_layernorm.weight", (h,))]
-        if config.model_type == "qwen3":
+                  (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        if config.model_type in ("qwen2", "qwen2_moe"):  # q, k, v biases
+            names += [(p + f"self_attn.{x}_proj.bias", (n,)) for x, n in (("q", q), ("k", kv), ("v", kv))]
+        if getattr(config, "num_experts", 0) and is_sparse_layer(config, layer):
+            names += _moe_names(config, p + "mlp.")
+        else:
+            names += _mlp_names(p + "mlp.", h, i)
+        if config.model_type in ("qwen3", "qwen3_moe"):
             names += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
+    return names
+
+
+def _mlp_names(p: str, h: int, i: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(p + "gate_proj.weight", (i, h)), (p + "up_proj.weight", (i, h)), (p + "down_proj.weight", (h, i))]
+
+
+def _moe_names(config, p: str) -> list[tuple[str, tuple[int, ...]]]:
+    h, e = config.hidden_size, config.num_experts
+    names = [(p + "gate.weight", (e, h))]
+    for k in range(e):
+        names += _mlp_names(f"{p}experts.{k}.", h, config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        names += _mlp_names(p + "shared_expert.", h, config.shared_expert_intermediate_size)
+        names.append((p + "shared_expert_gate.weight", (1, h)))
     return names
 
 

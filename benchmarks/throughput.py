@@ -6,7 +6,9 @@ Default workload (issue 5): 256 prompts of 128 random tokens, 256 new tokens eac
 (ignore_eos), temperature 1, bf16. Both engines run in this process on the same GPU,
 each after a short warm-up call; output tokens / wall seconds of one timed call.
 The roofline of a decode step is (weight bytes + KV bytes of every context read)
-/ the copy bandwidth measured here; the table reports the median over full-batch
+/ the copy bandwidth measured here (for a MoE model, e.g. --config
+benchmarks/models/qwen3-30b-a3b.json, only the experts a step is expected to
+touch count; see touched_weight_bytes); the table reports the median over full-batch
 decode rounds of (time from the round's start to the next's) / its steps.
 
 GRPO workload (issue 11): `--workload grpo` times --prompts (64) prompts x n=--n (16)
@@ -124,10 +126,25 @@ def roofline(engine: RolloutEngine, timer: StepTimer, bandwidth: float) -> dict:
     pairs = [(b[0] - a[0], a) for a, b in zip(rounds, rounds[1:]) if a[4] and a[1] == full]
     measured = statistics.median(t / a[3] for t, a in pairs)  # a round of k steps counts as k steps
     ideal = statistics.median(
-        sum(weights + (ctx + j * n) * kv_per_token for j in range(k)) / k / bandwidth for _, (_, n, ctx, k, _) in pairs)
+        sum(touched_weight_bytes(worker.model, weights, n) + (ctx + j * n) * kv_per_token for j in range(k)) / k
+        / bandwidth for _, (_, n, ctx, k, _) in pairs)
     return dict(batch=full, decode_rounds=len(pairs), steps_per_round=statistics.median(a[3] for _, a in pairs),
                 step_ms=measured * 1e3, roofline_ms=ideal * 1e3, of_roofline=ideal / measured,
                 weight_gb=weights / 1e9, bandwidth_tb_s=bandwidth / 1e12)
+
+
+def touched_weight_bytes(model, weights: int, batch: int) -> float:
+    """Weight bytes a decode step of `batch` sequences reads: all of a dense model; for a MoE model, of each
+    layer's experts only the expected number touched when routing is uniform (random weights route nearly so):
+    E * (1 - (1 - top_k / E) ** batch)."""
+    experts = 0
+    touched = 0.0
+    for block in model.moe_blocks():
+        size = sum(p.numel() * p.element_size() for p in (block.experts.w13, block.experts.w2))
+        e, k = block.experts.local, block.top_k
+        experts += size
+        touched += size * (1 - (1 - k / e) ** batch)
+    return weights - experts + touched
 
 
 def workload(args, vocab: int):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from rollout.demo import quiet_transformers
 
@@ -36,6 +37,25 @@ VARIANTS = {
     "qwen3": (Qwen3Config, dict(tie_word_embeddings=True, head_dim=32, rope_parameters=dict(rope_theta=1000000.0))),
     "qwen3-untied": (Qwen3Config, dict(tie_word_embeddings=False, head_dim=16, num_key_value_heads=1,
                                        rope_parameters=dict(rope_theta=1000000.0))),
+    # shrunk from ../shared/models/qwen3-30b-a3b.json: 3 layers, the middle one dense (mlp_only_layers)
+    "qwen3-moe": (Qwen3MoeConfig, dict(
+        tie_word_embeddings=False, head_dim=16, num_hidden_layers=3, mlp_only_layers=[1], num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, rope_parameters=dict(rope_theta=1e6),
+    )),
+    # decoder_sparse_step=2: layer 1 sparse, layer 0 dense; no renormalisation of the top-k weights
+    "qwen3-moe-tied": (Qwen3MoeConfig, dict(
+        tie_word_embeddings=True, head_dim=16, decoder_sparse_step=2, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=16, norm_topk_prob=False, rope_parameters=dict(rope_theta=1e6),
+    )),
+    # shrunk from ../shared/models/qwen1.5-moe-a2.7b.json: shared expert behind a sigmoid gate
+    "qwen2-moe": (Qwen2MoeConfig, dict(
+        tie_word_embeddings=False, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, norm_topk_prob=False, rope_parameters=dict(rope_theta=1e6),
+    )),
+    "qwen2-moe-tied": (Qwen2MoeConfig, dict(
+        tie_word_embeddings=True, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, norm_topk_prob=True, rope_parameters=dict(rope_theta=1e6),
+    )),
 }
 
 
@@ -56,18 +76,13 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
 def save_checkpoint(path: Path, variant: str = "qwen3", seed: int = 0, **overrides) -> Path:
     """Build a random model of `variant`, save it as a real safetensors checkpoint, return the directory."""
     config = make_config(variant, **overrides)
-    config.architectures = [config.architectures[0] if config.architectures else _arch(variant)]
+    config.architectures = [config.architectures[0] if config.architectures else
+                            type(config).__name__.replace("Config", "ForCausalLM")]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
     with quiet_transformers():
         model.save_pretrained(path)
     return Path(path)
-
-
-def _arch(variant: str) -> str:
-    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
-        variant.split("-")[0].rstrip("3") if variant.startswith("llama") else variant.split("-")[0]
-    ]
 
 
 def load_reference(path: Path):

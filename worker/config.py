@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -38,6 +38,11 @@ class WorkerConfig(BaseModel):
     tensor_parallel_size: int = Field(
         1, ge=1, description="Ranks one model is split over (one process each, started by an executor)."
     )
+    expert_parallel_size: int = Field(
+        1, ge=1, description="MoE models: groups the tensor-parallel ranks split the experts over (each rank holds "
+        "num_experts / expert_parallel_size experts, their intermediate dim split over the tensor_parallel_size / "
+        "expert_parallel_size ranks of its group); must divide tensor_parallel_size and num_experts."
+    )
     enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
     check_finite_weights: bool = Field(
         False, description="Refuse weights holding NaN or Inf with a CheckpointError (a checkpoint at construction; "
@@ -55,6 +60,13 @@ class WorkerConfig(BaseModel):
     cuda_graph_max_batch_size: int = Field(
         256, ge=1, le=1024, description="Largest decode batch replayed from a CUDA graph; larger ones run eagerly."
     )
+
+    @model_validator(mode="after")
+    def _check_expert_parallel(self) -> "WorkerConfig":
+        if self.tensor_parallel_size % self.expert_parallel_size:
+            raise ValueError(f"expert_parallel_size={self.expert_parallel_size} must divide tensor_parallel_size="
+                             f"{self.tensor_parallel_size} (experts are split over the tensor-parallel ranks)")
+        return self
 
     @field_validator("device")
     @classmethod

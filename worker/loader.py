@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -186,13 +186,18 @@ def check_tensors(
     given: dict[str, tuple[tuple[int, ...], torch.dtype]],
     full: bool,
     source: str,
+    aliases: Optional[dict[str, tuple[tuple[int, ...], list[str]]]] = None,
 ) -> None:
     """Raise CheckpointError unless every given tensor is known, well-shaped and floating point.
 
-    `given` maps names to (shape, dtype). With `full`, every expected name must be present.
+    `given` maps names to (shape, dtype). With `full`, every expected name must be present. `aliases`: names
+    that may stand in for several expected ones (stacked experts), each with its shape and the names it covers.
     """
+    aliases = {name: aliases[name] for name in given if name in aliases} if aliases else {}
+    covered = {name for _, names in aliases.values() for name in names}
+    expected = {**expected, **{name: shape for name, (shape, _) in aliases.items()}}
     unexpected = sorted(set(given) - set(expected))
-    missing = sorted(set(expected) - set(given)) if full else []
+    missing = sorted(set(expected) - set(given) - set(aliases) - covered) if full else []
     wrong = [
         f"{name}: expected shape {list(expected[name])}, got {list(shape)}"
         for name, (shape, _) in given.items()

@@ -65,13 +65,14 @@ def check_update(model: CausalLM, pool: MemoryPool, update: UpdateInfo, min_vers
     else:
         expected = {f"rank{k}/{e.name}": e.shape for k in range(tp.size) for e in pool.weight_layout}
         source += f" with tensor_parallel_size={tp.size}, where names are rank<k>/<parameter>"
-    check_tensors(expected, given, full=not update.partial, source=source)
+    aliases = model.checkpoint_aliases() if update.format == "checkpoint" else None
+    check_tensors(expected, given, full=not update.partial, source=source, aliases=aliases)
 
 
 def touched_names(model: CausalLM, update: UpdateInfo, tp: TensorParallel) -> set[str]:
     """Checkpoint names (canonical) of every tensor the update writes to on this rank."""
     if update.format == "checkpoint":
-        return {model.canonical_name(t.name) for t in update.tensors}
+        return {covered for t in update.tensors for covered in model.covered_names(t.name)}
     kernel = set(kernel_names(update, tp).values())
     return {name for name in model.checkpoint_shapes() if model.map_name(name)[0] in kernel}
 

@@ -88,7 +88,7 @@ class Worker:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device("meta"):
-                self.model = build_model(self.hf_config, self.max_model_len, self.tp)
+                self.model = build_model(self.hf_config, self.max_model_len, self.tp, self.config.expert_parallel_size)
         finally:
             torch.set_default_dtype(previous)
         self.model.eval()
@@ -119,7 +119,7 @@ class Worker:
         expected = self.model.checkpoint_shapes()
         if self.model.tie_word_embeddings and "lm_head.weight" in given:
             expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
-        check_tensors(expected, given, full, source)
+        check_tensors(expected, given, full, source, self.model.checkpoint_aliases())
 
     def check_load(self, weights: object) -> list[tuple[str, torch.Tensor]]:
         """`weights` ((name, tensor) pairs or a mapping) as a list, checked without touching the live weights.
@@ -137,7 +137,7 @@ class Worker:
         """Copy pairs returned by `check_load` into the live weights; warns if they brought NaN or Inf."""
         if WEIGHTS in self.pool.asleep():
             raise EngineSleepingError("the weights are asleep; call wake_up(tags=['weights']) before loading weights")
-        touched = {self.model.canonical_name(name) for name, _ in items}
+        touched = {covered for name, _ in items for covered in self.model.covered_names(name)}
         with self._marked_missing_on_failure(touched), torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in items)
         self.missing_weights -= touched

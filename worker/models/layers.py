@@ -87,9 +87,10 @@ class FusedLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """A linear layer whose input columns are split over the ranks; the partial outputs are summed."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, reduce: bool = True):
         super().__init__()
         self.tp = tp
+        self.reduce = reduce  # False: return this rank's partial sum (the caller reduces it with others)
         self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "the input size")))
         self.weight.weight_loader = self.load
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -104,7 +105,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = F.linear(x, self.weight)
+        if not self.reduce:
+            assert self.bias is None, "a partial sum cannot carry the bias"
+            return out
+        out = self.tp.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 
@@ -134,6 +139,22 @@ class VocabParallel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tp.all_gather(F.linear(hidden, self.weight))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP: `gate_up_proj` (gate and up rows fused, column parallel), `down_proj` (row parallel).
+
+    `reduce=False` leaves the down projection's partial sum unreduced (the caller all-reduces it).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel, reduce: bool = True):
+        super().__init__()
+        size = intermediate_size
+        self.gate_up_proj = FusedLinear(hidden_size, {0: size, 1: size}, bias, tp)
+        self.down_proj = RowParallelLinear(size, hidden_size, bias, tp, reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

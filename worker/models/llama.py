@@ -1,8 +1,9 @@
-"""The Llama family decoder in kernel format: Llama, Qwen2 (qkv bias), Qwen3 (q/k norm).
+"""The Llama family decoder in kernel format: Llama, Qwen2 (qkv bias), Qwen3 (q/k norm), and their
+mixture-of-experts variants Qwen2-MoE and Qwen3-MoE (see worker/models/moe.py).
 
-Parameters are fused (`qkv_proj`, `gate_up_proj`); `load_weights` maps the
-Hugging Face checkpoint names (q_proj, k_proj, v_proj, gate_proj, up_proj) into
-their row ranges.
+Parameters are fused (`qkv_proj`, `gate_up_proj`, stacked experts `w13` / `w2`);
+`load_weights` maps the Hugging Face checkpoint names (q_proj, k_proj, v_proj,
+gate_proj, up_proj, experts.{e}.*) into their row ranges.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from torch import nn
 
 from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.models.layers import (FusedLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallel,
-                                  default_weight_loader, silu_and_mul)
+from worker.models.layers import (MLP, FusedLinear, RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallel,
+                                  default_weight_loader)
+from worker.models.moe import Experts, SparseMoeBlock, is_sparse_layer, map_expert_name
 from worker.parallel import TensorParallel
 
 
@@ -28,6 +30,8 @@ class ArchOptions:
     o_bias: bool = False
     qk_norm: bool = False
     mlp_bias: bool = False
+    moe: bool = False  # sparse layers (config.num_experts, decoder_sparse_step, mlp_only_layers) hold experts
+    shared_expert: bool = False  # Qwen2-MoE: plus a shared expert behind a sigmoid gate
 
 
 @dataclass
@@ -94,22 +98,15 @@ class Attention(nn.Module):
                      self.q_norm.eps if norm else 0.0)
 
 
-class MLP(nn.Module):
-    def __init__(self, config, opts: ArchOptions, tp: TensorParallel):
-        super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, {0: size, 1: size}, opts.mlp_bias, tp)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, opts.mlp_bias, tp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding, tp: TensorParallel):
+    def __init__(self, config, layer_idx: int, opts: ArchOptions, rotary: RotaryEmbedding, tp: TensorParallel,
+                 expert_parallel_size: int = 1):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, opts, rotary, tp)
-        self.mlp = MLP(config, opts, tp)
+        if opts.moe and is_sparse_layer(config, layer_idx):
+            self.mlp = SparseMoeBlock(config, tp, expert_parallel_size, opts.shared_expert)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, opts.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -126,13 +123,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel):
+    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel, expert_parallel_size: int):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config))
         self.embed_tokens = VocabParallel(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, opts, rotary, tp) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, opts, rotary, tp, expert_parallel_size) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -157,19 +154,22 @@ class CausalLM(nn.Module):
     """Decoder + LM head, with the checkpoint-name mapping for loading.
 
     With tensor parallelism (`tp.size > 1`) each rank holds its slices; loading
-    takes full checkpoint tensors and keeps this rank's part.
+    takes full checkpoint tensors and keeps this rank's part. `expert_parallel_size`
+    splits a MoE model's experts over groups of the ranks (see worker/models/moe.py).
     """
 
-    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel = TensorParallel()):
+    def __init__(self, config, opts: ArchOptions, max_positions: int, tp: TensorParallel = TensorParallel(),
+                 expert_parallel_size: int = 1):
         super().__init__()
         self.config = config
         self.tp = tp
-        self.model = DecoderModel(config, opts, max_positions, tp)
+        self.model = DecoderModel(config, opts, max_positions, tp, expert_parallel_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = VocabParallel(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._aliases: Optional[dict[str, tuple[tuple[int, ...], list[str]]]] = None
         self._params: dict[str, nn.Parameter] = {}  # filled at the first load, after the memory pool placed them
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -179,6 +179,28 @@ class CausalLM(nn.Module):
         """Logits over the whole vocabulary (gathered from every rank)."""
         return self.lm_head.logits(hidden)
 
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The layers' expert blocks, in layer order (empty for a dense model)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def record_routed_experts(self, buffer: Optional[torch.Tensor]) -> None:
+        """Make every forward write the experts it routes each token to into `buffer`; None stops recording.
+
+        `buffer`: int16 [max_tokens, len(moe_blocks()), top_k] (top_k = config.num_experts_per_tok), on the
+        model's device; row i of a forward's rows 0 .. tokens - 1 is the forward's i-th input token, column j its
+        j-th MoE layer, ids in descending routing weight order (global expert ids, also under expert
+        parallelism). Writing needs no host sync and keeps the buffer's address (CUDA-graph safe: set it before
+        capturing). Rows past the forward's token count keep their old values.
+        """
+        blocks = self.moe_blocks()
+        if buffer is not None:
+            top_k = blocks[0].top_k if blocks else 0
+            if buffer.dim() != 3 or tuple(buffer.shape[1:]) != (len(blocks), top_k) or buffer.dtype != torch.int16:
+                raise ValueError(f"the routed-experts buffer must be int16 [max_tokens, {len(blocks)}, {top_k}], got "
+                                 f"{buffer.dtype} {list(buffer.shape)}")
+        for j, block in enumerate(blocks):
+            block.record = None if buffer is None else buffer[:, j]
+
     def canonical_name(self, name: str) -> str:
         """The checkpoint name a tensor is known by (a tied lm_head is the embedding)."""
         return "model.embed_tokens.weight" if self.tie_word_embeddings and name == "lm_head.weight" else name
@@ -186,6 +208,9 @@ class CausalLM(nn.Module):
     def map_name(self, name: str) -> tuple[str, object]:
         """Kernel parameter name and shard id (None for unfused parameters) of a checkpoint name."""
         name = self.canonical_name(name)
+        expert = map_expert_name(name)
+        if expert is not None:
+            return expert
         for proj, (fused, shard) in STACKED.items():
             part = f".{proj}."
             if part in name:
@@ -193,17 +218,41 @@ class CausalLM(nn.Module):
         return name, None
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every checkpoint-format tensor name this model loads, with its shape (a copy the caller may change)."""
+        """Every checkpoint-format tensor name this model loads, with its shape (a copy the caller may change).
+
+        Experts are named one by one (`experts.{e}.gate_proj.weight`, ...); see `checkpoint_aliases` for the
+        stacked names that may stand in for them.
+        """
         if not self._shapes:
             self._shapes = self._compute_checkpoint_shapes()
         return dict(self._shapes)
+
+    def checkpoint_aliases(self) -> dict[str, tuple[tuple[int, ...], list[str]]]:
+        """Checkpoint names that stand for several `checkpoint_shapes` names: transformers' stacked experts
+        (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), each with its shape and the names it covers."""
+        if self._aliases is None:
+            self._aliases = {}
+            for name, module in self.named_modules():
+                if isinstance(module, Experts):
+                    self._aliases.update(module.stacked_entries(name))
+        return self._aliases
+
+    def covered_names(self, name: str) -> list[str]:
+        """The `checkpoint_shapes` names a checkpoint tensor writes (several for a stacked-experts alias)."""
+        match = map_expert_name(name)
+        if match is not None and match[1][0] == "all":
+            return self.checkpoint_aliases()[name][1]
+        return [self.canonical_name(name)]
 
     def _compute_checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         params = dict(self.named_parameters())
         shapes: dict[str, tuple[int, ...]] = {}
         for name, param in params.items():
             owner = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(owner, FusedLinear):
+            if isinstance(owner, Experts):
+                if name.endswith(".w13"):  # both stacked parameters are named once, with the first
+                    shapes.update(owner.checkpoint_entries(name.rsplit(".", 1)[0]))
+            elif isinstance(owner, FusedLinear):
                 fused = name.split(".")[-2]
                 for shard in owner.offsets:
                     ckpt = name.replace(f".{fused}.", f".{UNSTACKED[(fused, shard)]}.")

@@ -21,19 +21,31 @@ def _qwen3(config) -> ArchOptions:
     return ArchOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
+def _qwen2_moe(config) -> ArchOptions:
+    return ArchOptions(qkv_bias=bool(getattr(config, "qkv_bias", True)), moe=True, shared_expert=True)
+
+
+def _qwen3_moe(config) -> ArchOptions:
+    bias = bool(getattr(config, "attention_bias", False))
+    return ArchOptions(qkv_bias=bias, o_bias=bias, qk_norm=True, moe=True)
+
+
 ARCHITECTURES = {
     "LlamaForCausalLM": _llama,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
+    "Qwen2MoeForCausalLM": _qwen2_moe,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
 }
 
 
-def build_model(config, max_positions: int, tp: TensorParallel = TensorParallel()) -> CausalLM:
+def build_model(config, max_positions: int, tp: TensorParallel = TensorParallel(),
+                expert_parallel_size: int = 1) -> CausalLM:
     """Instantiate (uninitialised) the kernel-format model for a transformers config (this rank's part)."""
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
-            return CausalLM(config, ARCHITECTURES[name](config), max_positions, tp)
+            return CausalLM(config, ARCHITECTURES[name](config), max_positions, tp, expert_parallel_size)
     raise UnsupportedArchitectureError(
         f"checkpoint architectures {names or 'not set'} are not supported; supported: {', '.join(ARCHITECTURES)}"
     )
