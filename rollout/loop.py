@@ -208,8 +208,11 @@ class EngineLoop:
         return True
 
     def _runnable_jobs(self, queued: Optional[Launched]) -> list[Job]:
+        """Jobs whose time has come: all of them while paused or asleep (nothing in flight can progress), else
+        "keep" and "abort" ones, and "wait" ones once nothing is in flight."""
         idle = queued is None and not self.core.has_work()
-        return [job for job in self._jobs if self.paused or job.mode != "wait" or idle]
+        stalled = self.paused or bool(self.worker.pool.asleep())
+        return [job for job in self._jobs if stalled or job.mode != "wait" or idle]
 
     def _run_jobs(self, queued: Optional[Launched]) -> Optional[Launched]:
         """Run the jobs whose time has come; a round still on the device is read first (it computes with the

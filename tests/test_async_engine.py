@@ -337,3 +337,32 @@ def test_generate_after_shutdown_is_a_clear_error(checkpoint_dir):
                 pass
 
     asyncio.run(main())
+
+
+def test_kept_requests_survive_sleep_and_a_wait_update_while_asleep(checkpoint_dir, greedy_old_new):
+    """pause(keep) -> sleep -> resume -> wake the weights -> a "wait" update while the KV cache still sleeps lands
+    at once (nothing in flight can progress) -> wake_up: the kept streams are recomputed from their tokens and
+    finish on the new weights."""
+    old, _ = greedy_old_new
+    eng = AsyncRolloutEngine(model=str(checkpoint_dir("qwen3", 0)), enable_sleep_mode=True, **CONFIG)
+    weights = new_weights(checkpoint_dir)
+
+    async def cycle():
+        await eng.pause_generation("keep")
+        await eng.sleep(1)
+        await eng.resume_generation()
+        await eng.wake_up(["weights"])
+        assert await asyncio.wait_for(eng.load_weights(weights, pause_mode="wait"), 60) == 1
+        await eng.wake_up()
+
+    try:
+        streams, late = asyncio.run(streams_with_update(eng, cycle))
+    finally:
+        asyncio.run(eng.shutdown())
+    switched = 0
+    for s, want_old in zip(streams, old):
+        k = split_versions(s)
+        assert s["finish"] == "length" and len(s["token_ids"]) == 24 and s["token_ids"][:k] == want_old[:k]
+        switched += 0 < k < 24
+    assert switched > 0
+    assert all(s["versions"] == [1] * 24 for s in late)
