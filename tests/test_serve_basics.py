@@ -15,15 +15,10 @@ import pytest
 from rollout import AsyncRolloutEngine
 from rollout.cli import main
 from rollout.serve import build_app
-from serve_helpers import LiveServer, save_text_checkpoint, wait_for
+from serve_helpers import LiveServer, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=16, max_num_batched_tokens=256, seed=3)
-
-
-@pytest.fixture(scope="module")
-def text_checkpoint(tmp_path_factory):
-    return save_text_checkpoint(tmp_path_factory.mktemp("text-ckpt"))
 
 
 @pytest.fixture(scope="module")

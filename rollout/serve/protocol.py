@@ -1,0 +1,126 @@
+"""Request bodies of the HTTP routes (pydantic; unknown fields are refused, naming the field)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rollout.outputs import PartialSample
+from rollout.sampling_params import Float, Int, SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields the OpenAI routes share (OpenAI's plus vLLM's extensions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    n: Int = 1
+    max_tokens: Optional[Int] = Field(None, description="Most new tokens per completion (default 16).")
+    temperature: Optional[Float] = None
+    top_p: Optional[Float] = None
+    top_k: Optional[Int] = None
+    min_p: Optional[Float] = None
+    min_tokens: Int = 0
+    seed: Optional[Int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[Int]] = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    return_token_ids: bool = Field(False, description="Put prompt_token_ids and token_ids on each choice.")
+    request_id: Optional[str] = Field(None, description="Id for /abort_request (default: a fresh one).")
+    user: Optional[str] = None
+    presence_penalty: Optional[Float] = None
+    frequency_penalty: Optional[Float] = None
+    best_of: Optional[Int] = None
+    logit_bias: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported; leave it out or 0")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of is not supported; leave it out or equal to n ({self.n})")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported; leave it out")
+        return self
+
+    def sampling_params(self, logprobs: Optional[int]) -> SamplingParams:
+        """The engine's SamplingParams; `logprobs` (None: none) most likely tokens besides the sampled one."""
+        fields = dict(n=self.n, max_tokens=16 if self.max_tokens is None else self.max_tokens,
+                      min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, seed=self.seed,
+                      stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+                      logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        return SamplingParams(**fields)
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`: prompt as text, token ids, or a list of either."""
+
+    prompt: Any
+    logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        return prompts_of(value)
+
+    @model_validator(mode="after")
+    def _unsupported_here(self):
+        if self.echo:
+            raise ValueError("echo is not supported; leave it out or false (return_token_ids gives the prompt ids)")
+        if self.suffix:
+            raise ValueError("suffix is not supported; leave it out")
+        return self
+
+
+def prompts_of(value) -> list:
+    """The prompts of a completions request: each a string or a non-empty list of token ids."""
+    kinds = "a string, a list of token ids, or a non-empty list of either"
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be {kinds}")
+    if all(_is_int(x) for x in value):
+        return [value]
+    prompts = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            prompts.append(item)
+        elif isinstance(item, list) and item and all(_is_int(x) for x in item):
+            prompts.append(item)
+        else:
+            raise ValueError(f"item {i} must be a string or a non-empty list of token ids (ints); prompt must be "
+                             f"{kinds}")
+    return prompts
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`: token in, token out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_ids: list[Int] = Field(min_length=1)
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+    rid: Optional[str] = None
+    stream: bool = False
+    partial: Optional[PartialSample] = Field(None, description="An earlier sample to continue.")

@@ -1,0 +1,127 @@
+"""Running several engine requests for one HTTP request (merged streams), server-sent events, and incremental
+detokenization."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import AsyncIterator, Optional
+
+from rollout.outputs import RolloutOutput, SampleDelta
+
+NO_LOGPROB = -9999.0  # JSON has no -inf (a token the filters ruled out); OpenAI servers send this instead
+
+
+def finite(value: Optional[float]) -> Optional[float]:
+    return NO_LOGPROB if value is not None and math.isinf(value) and value < 0 else value
+
+
+def sse(payload) -> str:
+    """One server-sent event holding `payload` as JSON (or the literal [DONE])."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)}\n\n"
+
+
+async def generate_all(engine, server, jobs: list[tuple]) -> list[RolloutOutput]:
+    """`engine.generate` of each (prompt, params, request_id) at once; the first error cancels the others (which
+    aborts them) and is raised."""
+    tasks = [asyncio.ensure_future(_tracked(server, rid, engine.generate(prompt, params, rid)))
+             for prompt, params, rid in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _tracked(server, rid: str, awaitable):
+    server.in_flight.add(rid)
+    try:
+        return await awaitable
+    finally:
+        server.in_flight.discard(rid)
+
+
+class MergedStreams:
+    """`engine.generate_stream` of each job at once, their deltas as (job index, delta) in arrival order.
+
+    `await start()` returns once the first delta has come, raising the error of a request the engine refused
+    (so the route can still answer 4xx); `close()` cancels the streams still running, which aborts them.
+    """
+
+    def __init__(self, engine, server, jobs: list[tuple]):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.remaining = len(jobs)
+        self.tasks = [asyncio.ensure_future(self._pump(i, server, engine, *job)) for i, job in enumerate(jobs)]
+        self.first = None
+
+    async def _pump(self, i: int, server, engine, prompt, params, rid) -> None:
+        server.in_flight.add(rid)
+        try:
+            async for delta in engine.generate_stream(prompt, params, rid):
+                self.queue.put_nowait((i, delta))
+        except Exception as exc:  # handed to the reader, which raises it
+            self.queue.put_nowait((i, exc))
+        finally:
+            server.in_flight.discard(rid)
+            self.queue.put_nowait((i, None))
+
+    async def start(self) -> None:
+        self.first = await self._get()
+
+    async def _get(self):
+        item = await self.queue.get()
+        if isinstance(item[1], Exception):
+            self.close()
+            raise item[1]
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, SampleDelta]]:
+        try:
+            item = self.first if self.first is not None else await self._get()
+            while True:
+                if item[1] is None:
+                    self.remaining -= 1
+                    if self.remaining == 0:
+                        return
+                else:
+                    yield item
+                item = await self._get()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+class Detokenizer:
+    """Text of a growing token list, piece by piece: a piece is held back while it ends in an incomplete
+    character; `finish()` returns what is left so that the pieces add up to the decode of all the tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # decode ids[prefix:] and drop the text of ids[prefix:read]
+        self.emitted = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None or not token_ids:
+            return ""
+        self.ids += token_ids
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._emit(text[len(before):])
+
+    def finish(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._emit(full[len(self.emitted):]) if full.startswith(self.emitted) else ""
+
+    def _emit(self, piece: str) -> str:
+        self.emitted += piece
+        return piece
