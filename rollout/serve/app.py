@@ -19,11 +19,12 @@ DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 
 @dataclass
 class ServerState:
-    """What the routes share: the engine, the served model's name and the request ids in flight."""
+    """What the routes share: the engine, the served model's name and the engine requests in flight (engine
+    request id -> the id of the HTTP request it serves)."""
 
     engine: object
     model_name: str
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: dict[str, str] = field(default_factory=dict)
     next_id: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -12,7 +12,7 @@ from rollout.outputs import Sample
 from rollout.serve.app import ServerState, state
 from rollout.serve.errors import APIError, error_body, status_of
 from rollout.serve.protocol import CompletionRequest
-from rollout.serve.streams import Detokenizer, MergedStreams, finite, generate_all, sse
+from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse
 
 router = APIRouter()
 
@@ -39,7 +39,7 @@ async def completions(body: CompletionRequest, request: Request):
     rid = body.request_id or s.new_id("cmpl")
     tokenizer = s.engine.tokenizer
     prompts = [tokenize(tokenizer, p, "prompt") for p in body.prompt]
-    jobs = [(prompt, params, rid if len(prompts) == 1 else f"{rid}-{i}") for i, prompt in enumerate(prompts)]
+    jobs = [Job(prompt, params, rid if len(prompts) == 1 else f"{rid}-{i}", rid) for i, prompt in enumerate(prompts)]
     if body.stream:
         streams = MergedStreams(s.engine, s, jobs)
         await streams.start()

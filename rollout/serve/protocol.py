@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rollout.outputs import PartialSample
+from rollout.pause import PauseMode
 from rollout.sampling_params import Float, Int, SamplingParams
 
 MAX_LOGPROBS = 20
@@ -124,3 +125,66 @@ class GenerateRequest(BaseModel):
     rid: Optional[str] = None
     stream: bool = False
     partial: Optional[PartialSample] = Field(None, description="An earlier sample to continue.")
+
+
+class AbortRequest(BaseModel):
+    """`POST /abort_request`: one request (`rid`, with the sub-requests of a multi-prompt completion) or all."""
+
+    model_config = ConfigDict(extra="forbid")
+    rid: Optional[str] = None
+    abort_all: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.rid is None) == (not self.abort_all):
+            raise ValueError("give either rid (a request id) or abort_all=true")
+        return self
+
+
+class PauseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: PauseMode = "keep"
+
+
+class SleepRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    level: Literal[1, 2] = 1
+
+
+class WakeUpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tags: Optional[list[Literal["weights", "kv_cache"]]] = None
+
+
+class InitWeightTransferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    init_info: dict[str, Any]
+    worker_index: Optional[Int] = None
+
+
+class UpdateWeightsRequest(BaseModel):
+    """`POST /update_weights`: the trainer's next update over the transfer group (`update_info`), or, with `path`,
+    the safetensors of a checkpoint directory on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+    update_info: Optional[dict[str, Any]] = None
+    path: Optional[str] = None
+    version: Optional[Int] = Field(None, description="With path: the new weight version (default: current + 1).")
+    pause_mode: PauseMode = "wait"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.update_info is not None:
+            raise ValueError("give update_info (a transfer-group update) or path (a checkpoint directory), not both")
+        if self.path is None and self.version is not None:
+            raise ValueError("version goes with path; a transfer-group update carries it in update_info")
+        return self
+
+
+class LoadWeightsRequest(BaseModel):
+    """`POST /load_weights_from_disk`: the safetensors of a checkpoint directory on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    version: Optional[Int] = None
+    pause_mode: PauseMode = "wait"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
-from rollout.outputs import RolloutOutput, SampleDelta
+from rollout.outputs import PartialSample, RolloutOutput, SampleDelta
+from rollout.sampling_params import SamplingParams
 
 NO_LOGPROB = -9999.0  # JSON has no -inf (a token the filters ruled out); OpenAI servers send this instead
 
@@ -22,11 +24,23 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)}\n\n"
 
 
-async def generate_all(engine, server, jobs: list[tuple]) -> list[RolloutOutput]:
-    """`engine.generate` of each (prompt, params, request_id) at once; the first error cancels the others (which
-    aborts them) and is raised."""
-    tasks = [asyncio.ensure_future(_tracked(server, rid, engine.generate(prompt, params, rid)))
-             for prompt, params, rid in jobs]
+@dataclass
+class Job:
+    """One engine request of an HTTP request: `group` is the HTTP request's id (what /abort_request names)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    rid: str
+    group: str
+    partial: Optional[PartialSample] = None
+
+
+async def generate_all(engine, server, jobs: list[Job]) -> list[RolloutOutput]:
+    """`engine.generate` of each job at once; the first error cancels the others (which aborts them) and is
+    raised."""
+    tasks = [asyncio.ensure_future(_tracked(server, job, engine.generate(job.prompt, job.params, job.rid,
+                                                                         partial=job.partial)))
+             for job in jobs]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -34,12 +48,12 @@ async def generate_all(engine, server, jobs: list[tuple]) -> list[RolloutOutput]
             task.cancel()
 
 
-async def _tracked(server, rid: str, awaitable):
-    server.in_flight.add(rid)
+async def _tracked(server, job: Job, awaitable):
+    server.in_flight[job.rid] = job.group
     try:
         return await awaitable
     finally:
-        server.in_flight.discard(rid)
+        server.in_flight.pop(job.rid, None)
 
 
 class MergedStreams:
@@ -49,21 +63,21 @@ class MergedStreams:
     (so the route can still answer 4xx); `close()` cancels the streams still running, which aborts them.
     """
 
-    def __init__(self, engine, server, jobs: list[tuple]):
+    def __init__(self, engine, server, jobs: list[Job]):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.remaining = len(jobs)
-        self.tasks = [asyncio.ensure_future(self._pump(i, server, engine, *job)) for i, job in enumerate(jobs)]
+        self.tasks = [asyncio.ensure_future(self._pump(i, server, engine, job)) for i, job in enumerate(jobs)]
         self.first = None
 
-    async def _pump(self, i: int, server, engine, prompt, params, rid) -> None:
-        server.in_flight.add(rid)
+    async def _pump(self, i: int, server, engine, job: Job) -> None:
+        server.in_flight[job.rid] = job.group
         try:
-            async for delta in engine.generate_stream(prompt, params, rid):
+            async for delta in engine.generate_stream(job.prompt, job.params, job.rid, partial=job.partial):
                 self.queue.put_nowait((i, delta))
         except Exception as exc:  # handed to the reader, which raises it
             self.queue.put_nowait((i, exc))
         finally:
-            server.in_flight.discard(rid)
+            server.in_flight.pop(job.rid, None)
             self.queue.put_nowait((i, None))
 
     async def start(self) -> None:
