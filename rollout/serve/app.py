@@ -45,6 +45,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     `max_body_bytes` get a 413. Errors are JSON bodies `{"error": {"message", "type", "param", "code"}}`.
     The app does not shut the engine down; `rollout.serve.server.serve` does, on SIGINT / SIGTERM.
     """
+    from rollout.serve.chat_route import router as chat_router
     from rollout.serve.control_routes import router as control_router
     from rollout.serve.generate_route import router as generate_router
     from rollout.serve.openai_routes import router as openai_router
@@ -53,6 +54,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     app.state.server = ServerState(engine, model_name)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(chat_router)
     app.include_router(generate_router)
     app.include_router(control_router)
 

@@ -53,7 +53,7 @@ async def completions(body: CompletionRequest, request: Request):
             completion_tokens += len(sample.token_ids)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def tokenize(tokenizer, prompt, field: str) -> list[int]:
@@ -65,7 +65,7 @@ def tokenize(tokenizer, prompt, field: str) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -126,7 +126,7 @@ async def _completion_events(s: ServerState, body: CompletionRequest, rid: str, 
                        "choices": [choice]})
         if body.stream_options and body.stream_options.include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": s.model_name,
-                       "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                       "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     except Exception as exc:  # the response has started: the error goes in the stream
         yield sse(error_body(status_of(exc) or 500, " ".join(str(exc).split())))
     yield sse("[DONE]")

@@ -188,3 +188,56 @@ class LoadWeightsRequest(BaseModel):
     path: str
     version: Optional[Int] = None
     pause_mode: PauseMode = "wait"
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`: OpenAI's fields, plus `prefix_token_ids` (the earlier turns' ids, kept as they
+    are) and `chat_template_kwargs` (e.g. {"enable_thinking": false})."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Literal["auto", "none"]] = None
+    logprobs: bool = False
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Optional[Int] = None
+    prefix_token_ids: Optional[list[Int]] = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    parallel_tool_calls: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _max(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("give max_completion_tokens or max_tokens, not two different values")
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
