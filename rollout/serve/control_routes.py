@@ -6,9 +6,13 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from pydantic import BaseModel, ValidationError
+
 from rollout.serve.app import state
+from rollout.serve.errors import APIError, validation_message
 from rollout.serve.protocol import (AbortRequest, InitWeightTransferRequest, LoadWeightsRequest, PauseRequest,
                                     SleepRequest, UpdateWeightsRequest, WakeUpRequest)
+from weight_sync import TransferInitInfo, UpdateInfo
 from worker.loader import checkpoint_files, iter_checkpoint
 
 router = APIRouter()
@@ -54,7 +58,8 @@ async def wake_up(body: WakeUpRequest, request: Request):
 @router.post("/init_weight_transfer")
 async def init_weight_transfer(body: InitWeightTransferRequest, request: Request):
     """Join the trainer's weight-transfer group (`TransferInitInfo` fields, the secret in plain text)."""
-    await state(request).engine.init_weight_transfer(body.init_info, body.worker_index)
+    init_info = _parse(TransferInitInfo, body.init_info, "init_info")
+    await state(request).engine.init_weight_transfer(init_info, body.worker_index)
     return {"joined": True}
 
 
@@ -66,7 +71,8 @@ async def update_weights(body: UpdateWeightsRequest, request: Request):
     if body.path is not None:
         version = await _load(engine, body.path, body.version, body.pause_mode)
     else:
-        version = await engine.update_weights(body.update_info, body.pause_mode)
+        info = None if body.update_info is None else _parse(UpdateInfo, body.update_info, "update_info")
+        version = await engine.update_weights(info, body.pause_mode)
     return {"weight_version": version}
 
 
@@ -79,6 +85,15 @@ async def load_weights_from_disk(body: LoadWeightsRequest, request: Request):
 async def _load(engine, path: str, version, pause_mode) -> int:
     files = await asyncio.to_thread(checkpoint_files, path)
     return await engine.load_weights(iter_checkpoint(files), version, pause_mode)
+
+
+def _parse(model: type[BaseModel], value: dict, field: str):
+    """`value` as `model`, or a 400 naming `field`'s bad entries."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        message, first = validation_message(exc.errors())
+        raise APIError(400, f"{field}: {message}", f"{field}.{first}" if first else field) from None
 
 
 @router.get("/weight_version")
