@@ -30,6 +30,10 @@ class EngineServer(uvicorn.Server):
         self.engine = engine
         self.engine_closed = False
 
+    def app_state(self):
+        """The app's `ServerState` (engine, request ids in flight)."""
+        return self.config.app.state.server
+
     async def shutdown(self, sockets=None) -> None:
         await self.close_engine()
         await super().shutdown(sockets)
