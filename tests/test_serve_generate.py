@@ -1,6 +1,7 @@
 """`/generate` (token in, token out) and the control routes against a live server: outputs equal a synchronous
 RolloutEngine's; partial samples continue exactly; /abort_request ends a stream with "abort"; pause / resume;
-weights loaded from a checkpoint path through /update_weights; sleep / wake."""
+weights loaded from a checkpoint path through /update_weights, and from a trainer process over a transfer group
+joined through /init_weight_transfer; sleep / wake."""
 
 import asyncio
 import json
@@ -9,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams
+from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams, TransferInitInfo, run_together
 from serve_helpers import LiveServer, save_text_checkpoint
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=32, max_num_batched_tokens=256, seed=3,
@@ -102,3 +103,23 @@ def test_update_weights_from_path_sleep_wake(live, new_checkpoint):
     assert post(live, "/generate", {"input_ids": PROMPT, "sampling_params": greedy}).json()["output_ids"] == want_new
     r = post(live, "/load_weights_from_disk", {"path": "/nonexistent"})
     assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
+
+
+def test_transfer_group_updates_over_http(live, trainer, text_checkpoint, new_checkpoint):
+    """A trainer process joins the engine through /init_weight_transfer, then pushes two updates, each met by a
+    POST /update_weights: greedy outputs follow the weights sent."""
+    greedy = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    info = TransferInitInfo.local("gloo", timeout_s=20)
+    body = {"init_info": {**info.model_dump(mode="json"), "secret": info.secret.get_secret_value()}}
+    replies = []
+    run_together(lambda: trainer.call("init", **info.model_dump()),
+                 lambda: replies.append(post(live, "/init_weight_transfer", body)))
+    assert replies[-1].json() == {"joined": True}
+    for checkpoint in (new_checkpoint, text_checkpoint):
+        want = reference_run(checkpoint, [PROMPT], SamplingParams(**greedy))[0].samples[0].token_ids
+        version = httpx.get(f"{live.url}/weight_version").json()["weight_version"] + 1
+        run_together(lambda: trainer.call("send", weights={"checkpoint": str(checkpoint)}, version=version),
+                     lambda: replies.append(post(live, "/update_weights", {"pause_mode": "keep"})))
+        assert replies[-1].json() == {"weight_version": version}
+        got = post(live, "/generate", {"input_ids": PROMPT, "sampling_params": greedy}).json()
+        assert got["output_ids"] == want and got["weight_versions"] == [version] * 8
