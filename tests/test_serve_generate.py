@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams, TransferInitInfo, run_together
-from serve_helpers import LiveServer, save_text_checkpoint
+from serve_helpers import LiveServer, save_text_checkpoint, wait_for
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=32, max_num_batched_tokens=256, seed=3,
               enable_sleep_mode=True, num_kv_blocks=128, max_model_len=256)
@@ -123,3 +123,27 @@ def test_transfer_group_updates_over_http(live, trainer, text_checkpoint, new_ch
         assert replies[-1].json() == {"weight_version": version}
         got = post(live, "/generate", {"input_ids": PROMPT, "sampling_params": greedy}).json()
         assert got["output_ids"] == want and got["weight_versions"] == [version] * 8
+
+
+def test_client_leaving_a_whole_response_aborts_it(live):
+    """A client that disconnects before its (not streamed) response is ready: its request ends and its KV blocks
+    return (generation paused in keep mode meanwhile, so it cannot finish first)."""
+    s = live.server.app_state()
+    core = live.server.engine.engine.core
+
+    async def main():
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as control:
+            assert (await control.post("/pause_generation", json={"mode": "keep"})).status_code == 200
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
+                body = {"input_ids": PROMPT, "rid": "leaver", "sampling_params": {"max_tokens": 100}}
+                task = asyncio.ensure_future(client.post("/generate", json=body))
+                while "leaver" not in s.in_flight:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            while s.in_flight:
+                await asyncio.sleep(0.01)
+            assert (await control.post("/resume_generation")).status_code == 200
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    wait_for(lambda: core.block_manager.num_free == len(core.block_manager.blocks), "the KV blocks to return")

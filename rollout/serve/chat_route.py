@@ -13,7 +13,7 @@ from rollout.serve.chat import parse_tool_calls, render
 from rollout.serve.errors import error_body, status_of
 from rollout.serve.openai_routes import check_model, token_text, usage
 from rollout.serve.protocol import ChatCompletionRequest
-from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse
+from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse, unless_client_leaves
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         streams = MergedStreams(s.engine, s, [job])
         await streams.start()
         return StreamingResponse(_events(s, body, rid, streams, prompt, tokenizer), media_type="text/event-stream")
-    (output,) = await generate_all(s.engine, s, [job])
+    (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     choices = [_choice(j, sample, prompt, body, tools, rid, tokenizer) for j, sample in enumerate(output.samples)]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
             "choices": choices, "usage": usage(len(prompt), sum(len(x.token_ids) for x in output.samples))}

@@ -36,6 +36,10 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+class ClientGone(Exception):
+    """The client disconnected before its (not streamed) response was ready; its requests were aborted."""
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
                       "code": status}}
@@ -91,6 +95,10 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return error_response(499, "the client closed the connection; its requests were aborted")
 
     for kind, status in STATUS:
         if kind is not ValidationError:

@@ -9,7 +9,7 @@ from rollout.outputs import Sample
 from rollout.serve.app import state
 from rollout.serve.errors import error_body, status_of
 from rollout.serve.protocol import GenerateRequest
-from rollout.serve.streams import Job, MergedStreams, finite, generate_all, sse
+from rollout.serve.streams import Job, MergedStreams, finite, generate_all, sse, unless_client_leaves
 
 router = APIRouter()
 
@@ -27,7 +27,7 @@ async def generate(body: GenerateRequest, request: Request):
         streams = MergedStreams(s.engine, s, [job])
         await streams.start()
         return StreamingResponse(_events(rid, streams), media_type="text/event-stream")
-    (output,) = await generate_all(s.engine, s, [job])
+    (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     samples = [_sample(rid, j, sample) for j, sample in enumerate(output.samples)]
     return samples[0] if len(samples) == 1 else samples
 

@@ -12,7 +12,7 @@ from rollout.outputs import Sample
 from rollout.serve.app import ServerState, state
 from rollout.serve.errors import APIError, error_body, status_of
 from rollout.serve.protocol import CompletionRequest
-from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse
+from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse, unless_client_leaves
 
 router = APIRouter()
 
@@ -45,7 +45,7 @@ async def completions(body: CompletionRequest, request: Request):
         await streams.start()
         return StreamingResponse(_completion_events(s, body, rid, streams, prompts, tokenizer),
                                  media_type="text/event-stream")
-    outputs = await generate_all(s.engine, s, jobs)
+    outputs = await unless_client_leaves(request, generate_all(s.engine, s, jobs))
     choices, completion_tokens = [], 0
     for i, output in enumerate(outputs):
         for j, sample in enumerate(output.samples):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from rollout.outputs import PartialSample, RolloutOutput, SampleDelta
+from rollout.serve.errors import ClientGone
 from rollout.sampling_params import SamplingParams
 
 NO_LOGPROB = -9999.0  # JSON has no -inf (a token the filters ruled out); OpenAI servers send this instead
@@ -46,6 +47,26 @@ async def generate_all(engine, server, jobs: list[Job]) -> list[RolloutOutput]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def unless_client_leaves(request, awaitable):
+    """`await awaitable`, cancelled (which aborts its engine requests) if the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientGone()
+    return work.result()
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _tracked(server, job: Job, awaitable):
