@@ -59,7 +59,11 @@ async def wake_up(body: WakeUpRequest, request: Request):
 async def init_weight_transfer(body: InitWeightTransferRequest, request: Request):
     """Join the trainer's weight-transfer group (`TransferInitInfo` fields, the secret in plain text)."""
     init_info = _parse(TransferInitInfo, body.init_info, "init_info")
-    await state(request).engine.init_weight_transfer(init_info, body.worker_index)
+    engine = state(request).engine
+    if body.worker_index is None:  # the Ray engine's call takes no worker_index (its workers join together)
+        await engine.init_weight_transfer(init_info)
+    else:
+        await engine.init_weight_transfer(init_info, body.worker_index)
     return {"joined": True}
 
 
