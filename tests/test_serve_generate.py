@@ -147,3 +147,26 @@ def test_client_leaving_a_whole_response_aborts_it(live):
 
     asyncio.run(asyncio.wait_for(main(), 60))
     wait_for(lambda: core.block_manager.num_free == len(core.block_manager.blocks), "the KV blocks to return")
+
+
+def metrics(live) -> dict[str, float]:
+    text = httpx.get(f"{live.url}/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def test_metrics(live):
+    before = metrics(live)
+    body = {"input_ids": PROMPT, "sampling_params": {"max_tokens": 10, "n": 2, "ignore_eos": True}}
+    assert post(live, "/generate", body).status_code == 200
+    events(live, dict(body, stream=True))
+    after = metrics(live)
+    assert after["rollout_generated_tokens_total"] - before["rollout_generated_tokens_total"] == 40
+    assert after["rollout_requests_total"] - before["rollout_requests_total"] == 2
+    assert after["rollout_kv_blocks_total"] == CONFIG["num_kv_blocks"] and after["rollout_requests_running"] == 0
+    assert after["rollout_sleeping"] == 0 and after["rollout_weight_version"] >= 0
+    assert post(live, "/sleep", {"level": 1}).status_code == 200
+    assert metrics(live)["rollout_sleeping"] == 1
+    assert post(live, "/wake_up", {"tags": ["weights"]}).status_code == 200
+    assert metrics(live)["rollout_sleeping"] == 1
+    assert post(live, "/wake_up", {"tags": ["kv_cache"]}).status_code == 200
+    assert metrics(live)["rollout_sleeping"] == 0

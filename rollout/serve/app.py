@@ -26,6 +26,9 @@ class ServerState:
     model_name: str
     in_flight: dict[str, str] = field(default_factory=dict)
     next_id: int = 0
+    requests_total: int = 0
+    generated_tokens_total: int = 0
+    asleep: set[str] = field(default_factory=set)  # memory tags put to sleep through /sleep
     created: int = field(default_factory=lambda: int(time.time()))
 
     def new_id(self, prefix: str) -> str:
@@ -48,6 +51,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     from rollout.serve.chat_route import router as chat_router
     from rollout.serve.control_routes import router as control_router
     from rollout.serve.generate_route import router as generate_router
+    from rollout.serve.metrics import router as metrics_router
     from rollout.serve.openai_routes import router as openai_router
 
     app = FastAPI(title="rollout-engine", version=VERSION)
@@ -57,6 +61,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     app.include_router(chat_router)
     app.include_router(generate_router)
     app.include_router(control_router)
+    app.include_router(metrics_router)
 
     @app.get("/health")
     async def health():

@@ -45,13 +45,17 @@ async def resume_generation(request: Request):
 @router.post("/sleep")
 async def sleep(body: SleepRequest, request: Request):
     """Release the device memory (level 1: weights kept in host memory; level 2: weights dropped)."""
-    await state(request).engine.sleep(body.level)
+    s = state(request)
+    await s.engine.sleep(body.level)
+    s.asleep = {"weights", "kv_cache"}
     return {"sleeping": True, "level": body.level}
 
 
 @router.post("/wake_up")
 async def wake_up(body: WakeUpRequest, request: Request):
-    await state(request).engine.wake_up(body.tags)
+    s = state(request)
+    await s.engine.wake_up(body.tags)
+    s.asleep -= set(body.tags or ("weights", "kv_cache"))
     return {"tags": body.tags}
 
 

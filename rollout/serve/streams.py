@@ -71,8 +71,12 @@ async def _disconnected(request) -> None:
 
 async def _tracked(server, job: Job, awaitable):
     server.in_flight[job.rid] = job.group
+    server.requests_total += 1
     try:
-        return await awaitable
+        output = await awaitable
+        earlier = len(job.partial.token_ids) if job.partial is not None else 0  # the output repeats them
+        server.generated_tokens_total += sum(len(sample.token_ids) for sample in output.samples) - earlier
+        return output
     finally:
         server.in_flight.pop(job.rid, None)
 
@@ -92,8 +96,10 @@ class MergedStreams:
 
     async def _pump(self, i: int, server, engine, job: Job) -> None:
         server.in_flight[job.rid] = job.group
+        server.requests_total += 1
         try:
             async for delta in engine.generate_stream(job.prompt, job.params, job.rid, partial=job.partial):
+                server.generated_tokens_total += len(delta.token_ids)
                 self.queue.put_nowait((i, delta))
         except Exception as exc:  # handed to the reader, which raises it
             self.queue.put_nowait((i, exc))
