@@ -1,7 +1,9 @@
 """`rollout serve` basics: /health, /version, /v1/models, the API key, JSON errors, the CLI's checks, and a
-subprocess started like the README says that answers /health and stops cleanly on SIGTERM."""
+subprocess started like the README says that answers /health and stops cleanly on SIGTERM (a stream in flight
+ends with a final "abort" event and [DONE], the exit status is 0)."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -89,7 +91,16 @@ def test_subprocess_serves_and_stops_on_sigterm(text_checkpoint):
             except httpx.TransportError:
                 return False
         wait_for(healthy, "rollout serve to answer /health", timeout=120, alive=lambda: proc.poll() is None)
-        proc.send_signal(signal.SIGTERM)
+        url = f"http://127.0.0.1:{port}"
+        body = {"input_ids": [5, 6, 7], "stream": True, "sampling_params": {"max_tokens": 400, "ignore_eos": True}}
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines).removeprefix("data: "))["output_ids"]
+            # paused in keep mode, the stream is still running when the signal comes
+            assert httpx.post(f"{url}/pause_generation", json={"mode": "keep"}).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            rest = [line.removeprefix("data: ") for line in lines if line]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["finish_reason"] == "abort"
         output = proc.communicate(timeout=60)[0].decode()
         assert proc.returncode == 0, output
     finally:
