@@ -37,8 +37,9 @@ def render(tokenizer, messages: list[dict], tools: Optional[list[dict]], templat
     prefix = tokenizer.decode(prefix_token_ids, skip_special_tokens=False)
     if not text.startswith(prefix):
         raise APIError(400, "prefix_token_ids do not decode to the start of the rendered conversation; pass an "
-                            "earlier response's prompt_token_ids + token_ids, with its message content unchanged",
-                       "prefix_token_ids")
+                            "earlier response's prompt_token_ids + token_ids, and as that turn's assistant content "
+                            "its token ids decoded with special tokens, less the end-of-turn token the template "
+                            "adds", "prefix_token_ids")
     return list(prefix_token_ids) + tokenizer.encode(text[len(prefix):], add_special_tokens=False)
 
 
