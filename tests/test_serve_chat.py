@@ -99,3 +99,57 @@ def test_no_template_and_bad_prefix_are_400(client, tokenizer):
     assert err.value.status == 400
     with pytest.raises(openai.BadRequestError, match="prefix_token_ids"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body=dict(prefix_token_ids=[7, 8, 9]))
+
+
+class ScriptedEngine:
+    """An engine whose every reply is the tokens of one text, two tokens a delta (for the tool-call routes)."""
+
+    weight_version = 0
+
+    def __init__(self, tokenizer, reply: str):
+        self.tokenizer, self.ids = tokenizer, tokenizer.encode(reply, add_special_tokens=False)
+
+    async def generate_stream(self, prompt, params, request_id=None, *, partial=None):
+        from rollout import SampleDelta
+
+        for k in range(0, len(self.ids), 2):
+            piece = self.ids[k:k + 2]
+            yield SampleDelta(request_id=request_id, index=0, token_ids=piece, weight_versions=[0] * len(piece),
+                              finish_reason="stop" if k + 2 >= len(self.ids) else None)
+
+    async def generate(self, prompt, params, request_id=None, *, partial=None):
+        from rollout import RolloutOutput, Sample
+
+        sample = Sample(token_ids=self.ids, finish_reason="stop", weight_version=0, token_weight_versions=[0] * len(
+            self.ids), text=self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        return RolloutOutput(request_id=request_id, prompt_token_ids=prompt, samples=[sample])
+
+
+def test_tool_calls_parsed_whole_and_streamed(tokenizer):
+    import json
+
+    import httpx
+
+    from rollout.serve import build_app
+
+    reply = 'Sure.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+    app = build_app(ScriptedEngine(tokenizer, reply), "tiny")
+    body = {"messages": MESSAGES, "tools": TOOLS}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            whole = (await client.post("/v1/chat/completions", json=body)).json()
+            streamed = (await client.post("/v1/chat/completions", json=dict(body, stream=True))).text
+        return whole, streamed
+    whole, streamed = asyncio.run(go())
+    call = {"id": "call-chatcmpl-1-0-0", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}
+    choice = whole["choices"][0]
+    assert choice["message"]["content"] == "Sure." and choice["message"]["tool_calls"] == [call]
+    assert choice["finish_reason"] == "tool_calls"
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == reply
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] == "tool_calls"
+    assert last["delta"]["tool_calls"] == [dict(call, id="call-chatcmpl-2-0-0", index=0)]
+    assert streamed.rstrip().endswith("data: [DONE]")

@@ -21,7 +21,8 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Completions of a conversation. A reply whose text holds `<tool_call>` JSON blocks comes back with
-    `tool_calls` (finish_reason "tool_calls"). Streamed replies carry the raw text (tool calls unparsed)."""
+    `tool_calls` (finish_reason "tool_calls"); streamed, the chunks carry the raw text and the last one the parsed
+    tool calls."""
     s = state(request)
     check_model(s, body.model)
     tokenizer = s.engine.tokenizer
@@ -34,7 +35,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         streams = MergedStreams(s.engine, s, [job])
         await streams.start()
-        return StreamingResponse(_events(s, body, rid, streams, prompt, tokenizer), media_type="text/event-stream")
+        return StreamingResponse(_events(s, body, rid, streams, prompt, tools, tokenizer),
+                                 media_type="text/event-stream")
     (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     choices = [_choice(j, sample, prompt, body, tools, rid, tokenizer) for j, sample in enumerate(output.samples)]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
@@ -68,7 +70,9 @@ def _logprobs(token_ids, logprobs, top_logprobs, tokenizer) -> dict:
     return {"content": content}
 
 
-async def _events(s, body: ChatCompletionRequest, rid: str, streams: MergedStreams, prompt: list[int], tokenizer):
+async def _events(s, body: ChatCompletionRequest, rid: str, streams: MergedStreams, prompt: list[int], tools,
+                  tokenizer):
+    """SSE chunks of a streamed reply (its raw text; the parsed tool calls on the last chunk), then [DONE]."""
     created, detok, completion_tokens = int(time.time()), {}, 0
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
     try:
@@ -78,7 +82,13 @@ async def _events(s, body: ChatCompletionRequest, rid: str, streams: MergedStrea
             text = d.add(delta.token_ids) + (d.finish() if delta.finish_reason else "")
             completion_tokens += len(delta.token_ids)
             message = {"content": text, **({"role": "assistant"} if first else {})}
-            choice = {"index": delta.index, "delta": message, "finish_reason": delta.finish_reason,
+            finish = delta.finish_reason
+            if finish is not None and tools:  # the whole reply is in: its tool calls go on the last chunk
+                _, calls = parse_tool_calls(d.emitted, f"call-{rid}-{delta.index}")
+                if calls:
+                    message["tool_calls"] = [dict(call, index=k) for k, call in enumerate(calls)]
+                    finish = "tool_calls" if finish == "stop" else finish
+            choice = {"index": delta.index, "delta": message, "finish_reason": finish,
                       "logprobs": _logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs, tokenizer)
                       if body.logprobs else None}
             if body.return_token_ids:
