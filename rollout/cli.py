@@ -1,4 +1,4 @@
-"""The `rollout` command line: `rollout demo` and `rollout generate`."""
+"""The `rollout` command line: `rollout demo`, `rollout generate` and `rollout serve`."""
 
 from __future__ import annotations
 
@@ -73,7 +73,51 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--n", type=int, help="samples per prompt")
     sampling.add_argument("--logprobs", action="store_true", default=None, help="return each sampled token's logprob")
     gen.set_defaults(func=_generate)
+    _serve_parser(commands)
     return parser
+
+
+def _serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI routes, /generate, control "
+                                              "routes); needs the 'serve' extra")
+    serve.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", help="every route then needs 'Authorization: Bearer KEY'")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="allow a non-loopback --host without --api-key")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
+    serve.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve.add_argument("--dtype", default="auto", choices=DTYPES)
+    serve.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default: 0)")
+    serve.add_argument("--executor", choices=("local", "ray"), default="local")
+    serve.add_argument("--data-parallel-size", type=_positive, default=1, help="replicas (--executor ray)")
+    serve.add_argument("--max-num-seqs", type=_positive, help="most samples running at once")
+    serve.add_argument("--max-model-len", type=_positive, help="longest prompt + completion")
+    serve.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep and /wake_up")
+    serve.add_argument("--engine-args", type=json.loads, default={},
+                       help='more EngineConfig fields as a JSON object, e.g. \'{"num_kv_blocks": 512}\'')
+    serve.add_argument("--max-body-bytes", type=_positive, default=32 * 2**20, help="request body limit")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from rollout.serve.server import is_loopback, run_serve
+
+    if args.api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        raise UsageError(f"refusing to serve on {args.host} (not a loopback address) without --api-key; give a "
+                         f"key, or --allow-unauthenticated to serve anyone who can reach the port")
+    if args.api_key == "":
+        raise UsageError("--api-key must not be empty")
+    model = _checkpoint_dir(args.model)
+    config = dict(args.engine_args, model=str(model), device=args.device, dtype=args.dtype, seed=args.seed,
+                  executor=args.executor, data_parallel_size=args.data_parallel_size,
+                  enable_sleep_mode=args.enable_sleep_mode)
+    config.update({k: getattr(args, k) for k in ("max_num_seqs", "max_model_len") if getattr(args, k) is not None})
+    run_serve(config, host=args.host, port=args.port, model_name=args.served_model_name or model.resolve().name,
+              api_key=args.api_key, allow_unauthenticated=args.allow_unauthenticated,
+              max_body_bytes=args.max_body_bytes, log_level=args.log_level)
 
 
 def _device(value: str) -> str:

@@ -36,6 +36,11 @@ class AsyncRayEngine:
     def weight_version(self) -> int:
         return self.ray.weight_version
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (None when it ships none), as `AsyncLocalEngine.tokenizer`."""
+        return self.front.tokenizer
+
     def _place(self, prompt, params: Optional[SamplingParams], request_id: Optional[str], partial):
         (tokens,), (p,) = self.front.check([prompt], params, labels=["prompt"])
         if request_id is not None and (not isinstance(request_id, str) or not request_id):

@@ -57,3 +57,11 @@ def local_ray():
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """A tiny random Qwen3 with a tokenizer and a ChatML chat template (tests/serve_helpers.py)."""
+    from serve_helpers import save_text_checkpoint
+
+    return save_text_checkpoint(tmp_path_factory.mktemp("text-ckpt"))
