@@ -121,7 +121,8 @@ def _search(ptr, vocab, divisor, m, lo, hi, target, by_mass, tie_key, tie_scale,
 
 @triton.jit
 def _stats(work, raw, vocab, divisor, SEPARATE_RAW: tl.constexpr, BLOCK: tl.constexpr):
-    """Max m, sum exp(s - m), first argmax and smallest finite key of s; count of finite s; raw log-sum-exp."""
+    """Of s: max m, sum exp(s - m), first argmax, count of finite s and smallest finite key; of the raw
+    logits: log-sum-exp and smallest key."""
     offs = tl.arange(0, BLOCK)
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     z = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
@@ -129,14 +130,14 @@ def _stats(work, raw, vocab, divisor, SEPARATE_RAW: tl.constexpr, BLOCK: tl.cons
     best_index = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
     finite = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
     low = tl.max(tl.full([BLOCK], 2147483647, tl.int32), axis=0)
+    low_raw = low
     for start in range(0, vocab, BLOCK):
         cols = start + offs
-        s = _scaled(work, cols, cols < vocab, divisor)
-        x = s
+        x = tl.load(work + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        s = tl.math.div_rn(x, divisor)
+        s = tl.where(s == 0.0, 0.0, s)
         if SEPARATE_RAW:
             x = tl.load(raw + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        else:
-            x = tl.load(work + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         tile_best = tl.max(s, axis=0)
         best_index = tl.where(tile_best > best, start + tl.argmax(s, axis=0).to(tl.int64), best_index)
         best = tl.maximum(best, tile_best)
@@ -150,7 +151,9 @@ def _stats(work, raw, vocab, divisor, SEPARATE_RAW: tl.constexpr, BLOCK: tl.cons
         is_finite = s > float("-inf")
         finite += tl.sum(is_finite.to(tl.int32), axis=0)
         low = tl.minimum(low, tl.min(tl.where(is_finite, _key(s), 2147483647), axis=0))
-    return m, z, best_index, finite, low, m_raw + tl.log(z_raw)
+        low_raw = tl.minimum(low_raw, tl.min(tl.where(cols < vocab, _key(tl.where(x == 0.0, 0.0, x)), 2147483647),
+                                             axis=0))
+    return m, z, best_index, finite, low, m_raw + tl.log(z_raw), low_raw
 
 
 @triton.jit
@@ -247,12 +250,12 @@ def _row_key(seed_ptr, step_ptr, row):
 
 
 @triton.jit
-def _top_logprobs(src, vocab, divisor, top_max, rank_limit, shift, log_z, processed, scratch, ids_out, vals_out,
+def _top_logprobs(src, vocab, divisor, lowest, top_max, rank_limit, shift, log_z, processed, scratch, ids_out, vals_out,
                   K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
                   NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """The first K tokens of the rank order of s = src / divisor (top_max >= max s), in that order, with
-    values (s - shift) - log_z; where `processed`, -inf from rank `rank_limit` on (tokens the filters dropped)."""
-    lowest = _key(tl.full((), float("-inf"), tl.float32))
+    """The first K tokens of the rank order of s = src / divisor, in that order, with
+    values (s - shift) - log_z; where `processed`, -inf from rank `rank_limit` on (tokens the filters dropped).
+    At least K tokens have keys >= lowest, none above key(top_max)."""
     t, above, _, _, _ = _search(src, vocab, divisor, top_max, lowest, _key(top_max), K * 1.0, False, lowest, 1.0,
                                 SEARCH_BLOCK, NB, VALUE_PASSES)
     offs = tl.arange(0, BLOCK)
@@ -293,8 +296,9 @@ def _sample_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
     temp = tl.load(temp_ptr + row)
     divisor = tl.where(temp == 0.0, 1.0, temp)
     use_raw = tl.load(raw_mode_ptr + row) != 0
-    m, z, greedy_index, finite, low, lse_raw = _stats(work, raw, vocab, divisor, SEPARATE_RAW, BLOCK)
-    t = _key(tl.full((), float("-inf"), tl.float32))
+    m, z, greedy_index, finite, low, lse_raw, low_raw = _stats(work, raw, vocab, divisor, SEPARATE_RAW, BLOCK)
+    bottom = _key(tl.full((), float("-inf"), tl.float32))
+    t = bottom  # no filter: every finite token lies above t
     ties, kept, kept_mass = finite * 0, finite, z
     min_p = tl.load(min_p_ptr + row)
     if (temp != 0.0) | (tl.load(raw_mode_ptr + row) == 0):  # the filters matter: sampled, or processed logprobs
@@ -314,10 +318,10 @@ def _sample_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
     if K > 0:
         scratch, ids_out, vals_out = scratch_ptr + row * KP, top_ids_ptr + row * K, top_vals_ptr + row * K
         if use_raw:
-            _top_logprobs(raw, vocab, 1.0, lse_raw, count, 0.0, lse_raw, False, scratch, ids_out, vals_out,
+            _top_logprobs(raw, vocab, 1.0, low_raw, lse_raw, count, 0.0, lse_raw, False, scratch, ids_out, vals_out,
                           K, KP, BLOCK, SEARCH_BLOCK, NB, VALUE_PASSES)
         else:
-            _top_logprobs(work, vocab, divisor, m, count, m, log_z, True, scratch, ids_out, vals_out,
+            _top_logprobs(work, vocab, divisor, tl.where(finite >= K, low, bottom), m, count, m, log_z, True, scratch, ids_out, vals_out,
                           K, KP, BLOCK, SEARCH_BLOCK, NB, VALUE_PASSES)
 
 
