@@ -238,3 +238,36 @@ def test_gpu_fused_picks_torch_samplers_tokens_at_full_vocabulary(rows, dtype):
     torch.testing.assert_close(fused.logprobs[same], expected.logprobs[same], atol=1e-4, rtol=0)
     finite = torch.isfinite(expected.top_logprobs) & same[:, None]
     torch.testing.assert_close(fused.top_logprobs[finite], expected.top_logprobs[finite], atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_filtered_sampler_runs_in_a_cuda_graph_without_host_sync():
+    """Captured with every feature on (filters, bans padded with row -1, penalties, top logprobs); the replay
+    equals eager, and neither synchronizes with the host."""
+    rows, vocab = 64, 151936
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    settings = combination_rows(vocab, seed=3) * (rows // 16)
+    t = on_device(tensors_for(settings, logits.cpu(), 5, seed=3))
+    t.banned_rows = torch.cat([t.banned_rows, torch.full((8,), -1, device="cuda")])
+    t.banned_cols = torch.cat([t.banned_cols, torch.zeros(8, dtype=torch.int64, device="cuda")])
+    _, state, _ = penalty_case(vocab, rows=6)
+    t.penalties = PenaltyTensors(*(getattr(state, f).repeat(11, *[1] * (getattr(state, f).dim() - 1))[:rows]
+                                   .contiguous().cuda()
+                                   for f in ("repetition", "presence", "frequency", "output_counts", "prompt_mask")))
+    eager = sample(logits, t)  # compiles the kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            captured = sample(logits, t)
+        sample(logits, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    logits.mul_(1.0)  # same inputs; replay recomputes everything
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(vars(captured).values(), vars(eager).values()):
+        assert torch.equal(a, b)
+    assert_agree(eager, torch_sample(logits, t), atol=1e-4)
