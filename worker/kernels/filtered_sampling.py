@@ -88,7 +88,7 @@ def _search(ptr, vocab, divisor, m, lo, hi, target, by_mass, tie_key, tie_scale,
         cnt = tl.zeros([NB], tl.int32)
         mass = tl.zeros([NB], tl.float32)
         kmin = tl.full([NB], 2147483647, tl.int32)
-        kmax = tl.full([NB], -2147483648, tl.int32)
+        kmax = tl.full([NB], -2147483647, tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             s = _scaled(ptr, cols, cols < vocab, divisor)
@@ -101,7 +101,7 @@ def _search(ptr, vocab, divisor, m, lo, hi, target, by_mass, tie_key, tie_scale,
                 cnt += tl.sum(hit.to(tl.int32), axis=0)
                 mass += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0)
                 kmin = tl.minimum(kmin, tl.min(tl.where(hit, k[:, None], 2147483647), axis=0))
-                kmax = tl.maximum(kmax, tl.max(tl.where(hit, k[:, None], -2147483648), axis=0))
+                kmax = tl.maximum(kmax, tl.max(tl.where(hit, k[:, None], -2147483647), axis=0))
         weight = tl.where(by_mass, mass, cnt.to(tl.float32))
         at_or_above = tl.sum(weight, axis=0) - tl.cumsum(weight, axis=0) + weight  # W(>= qs[j]) - above
         above_w = tl.where(by_mass, above_mass, above_cnt.to(tl.float32))
