@@ -1,4 +1,8 @@
-"""Sampling on the device: temperature, top-k, top-p, min-p, seeded Gumbel-max, logprobs.
+"""Sampling on the device: penalties, temperature, top-k, top-p, min-p, bans, seeded Gumbel-max, logprobs.
+
+Order (as torch_sample spells it): raw logprobs from the logits; penalties (worker.penalties); bans to
+-inf; / temperature; top-k, then top-p on what top-k kept, then min-p on what both kept; processed
+logprobs of the result. Ties rank by token id (stable sort), in the torch and in the fused samplers.
 
 The random numbers come from a counter-based hash of (seed, step, token id),
 so a request's samples are the same whatever else shares its batch, survive
