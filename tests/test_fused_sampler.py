@@ -26,7 +26,12 @@ NEG_INF = float("-inf")
 
 
 def on_device(t):
-    return type(t)(**{name: (v.to(DEVICE) if torch.is_tensor(v) else v) for name, v in vars(t).items()})
+    """A copy of a SamplingTensors (or PenaltyTensors) with every tensor, nested ones too, on DEVICE."""
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(DEVICE)
+        return on_device(v) if isinstance(v, PenaltyTensors) else v
+    return type(t)(**{name: move(v) for name, v in vars(t).items()})
 
 
 def assert_agree(fused, expected, atol=1e-5):
