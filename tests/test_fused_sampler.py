@@ -20,6 +20,7 @@ from worker.penalties import PenaltyTensors, penalty_tensors, record_tokens  # n
 from worker.sampler import fused_filtered_sample, sample, torch_sample  # noqa: E402
 
 from sampling_reference import _check_empirical, make_tensors, random_logits  # noqa: E402
+from worker.kernels import filtered_sampling  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NEG_INF = float("-inf")
@@ -47,6 +48,15 @@ def assert_agree(fused, expected, atol=1e-5):
         assert len(set(row)) == len(row)
 
 
+@pytest.fixture(params=["one_chunk", "split"])
+def layout(request, monkeypatch):
+    """"split": chunks of 256 tokens and room for 16 candidates, so that every row spans several chunk programs
+    and some threshold searches finish over the whole row (more tokens left than room for candidates)."""
+    if request.param == "split":
+        monkeypatch.setattr(filtered_sampling, "CHUNK", 256)
+        monkeypatch.setattr(filtered_sampling, "CAP", 16)
+
+
 def combination_rows(vocab, seed):
     """Settings for rows covering every combination of top-k, top-p, min-p and bans (and extremes)."""
     rnd = random.Random(seed)
@@ -71,7 +81,7 @@ def tensors_for(rows, logits, k, seed):
 
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
 @pytest.mark.parametrize("k", [0, 5])
-def test_every_filter_combination_gives_torch_samples_tokens_and_logprobs(ties, k):
+def test_every_filter_combination_gives_torch_samples_tokens_and_logprobs(ties, k, layout):
     vocab = 1500
     rows = combination_rows(vocab, seed=k + 2 * ties)
     logits = random_logits(81 + k + ties, len(rows), vocab, scale=3.0)
@@ -83,7 +93,7 @@ def test_every_filter_combination_gives_torch_samples_tokens_and_logprobs(ties, 
     assert_agree(fused_filtered_sample(logits.to(DEVICE), on_device(t)), on_device(expected))
 
 
-def test_ties_at_the_boundaries_keep_the_smallest_token_ids():
+def test_ties_at_the_boundaries_keep_the_smallest_token_ids(layout):
     """Eight tokens tie for the top (ids 10, 20, .., 80): top-k 3 keeps ids 10, 20, 30; top-p 0.3 keeps
     those whose mass before them (0, 1/8, 1/4 of the tied mass ~ the whole) is below 0.3: the same three."""
     vocab, n = 1024, 16
@@ -165,7 +175,7 @@ def test_penalties_match_float64_reference(fused):
                                    atol=1e-5, rtol=0)
 
 
-def test_penalties_with_filters_fused_equals_torch():
+def test_penalties_with_filters_fused_equals_torch(layout):
     vocab = 1500
     logits, state, _ = penalty_case(vocab, seed=9)
     t = make_tensors(6, temperature=[0.0, 1.0, 0.8, 1.2, 1.0, 0.5], top_k=[0, 40, 0, 5, 0, 0],

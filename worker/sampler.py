@@ -101,7 +101,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
 
     On CUDA (with Triton) every batch runs fused Triton kernels, with no host sync and static shapes
     (CUDA-graph safe): plain batches the vocabulary-parallel sampler of `worker.kernels.sampling`, the
-    others the per-row filtered sampler of `worker.kernels.filtered_sampling`. Both give `torch_sample`'s
+    others the chunk-parallel filtered sampler of `worker.kernels.filtered_sampling`. Both give `torch_sample`'s
     tokens for the same seeds and its logprobs up to float32 rounding; other devices run `torch_sample`.
     """
     if not kernels.use_for(logits):
@@ -129,7 +129,7 @@ def fused_filtered_sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOu
     if t.penalties is not None or t.banned_rows.numel():
         work = prepare_logits(logits, t.penalties, t.banned_rows, t.banned_cols)
     out = filtered_sample(work, logits, t.temperature, t.top_k, t.top_p, t.min_p, t.seeds, t.steps, t.use_raw,
-                          t.max_top_logprobs)
+                          t.max_top_logprobs, filters=t.needs_sort, any_min_p=t.needs_min_p)
     return SamplerOutput(*out)
 
 

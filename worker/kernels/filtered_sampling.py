@@ -1,19 +1,20 @@
 """The fused sampler for every setting: top-k, top-p, min-p, banned tokens, top logprobs, per row.
 
-One program per row, in a few passes over the row (no sort, no host sync, static shapes):
-1. stats: the row maximum m and sum of e = exp(s - m) of the scaled logits s = x / T, the greedy
-   token, and the raw log-sum-exp;
-2. thresholds: top-k keeps the first k tokens of the rank order (s descending, then token id
-   ascending), top-p the first tokens whose mass before them is below top_p. Both are a prefix of
-   the rank order: all tokens above a threshold value t plus the first c tokens tied at t. t is
-   found by a bucketed search over the order-preserving integer keys of the float32 values: each
-   pass counts and weighs the row's tokens in 16 buckets of the remaining key range and keeps the
-   bucket holding the threshold, narrowed to the smallest and largest key seen in it (at most ~10
-   passes, most of them over a handful of tokens);
-3. min-p: tokens with probability below min_p * (the largest) leave; the mass of what stays;
-4. Gumbel-max over the kept tokens with the counter-based hash of `worker.sampler.hashed_uniform`
-   (the torch sampler's random numbers), the chosen token's logprob;
-5. top logprobs: the K tokens first in the rank order (a count search, then a K x K rank sort).
+Every pass over the vocabulary is split across many programs per row (chunks of CHUNK tokens), and
+there is no sort, no host sync and no data-dependent shape (CUDA-graph safe):
+1. stats per chunk, combined per row: the maximum m and sum of e = exp(s - m) of the scaled logits
+   s = x / T, the greedy token, the count and smallest key of the finite s, the raw log-sum-exp;
+2. top-k keeps the first k tokens of the rank order (s descending, then token id ascending), top-p
+   (on what top-k kept) the first tokens whose mass before them is below top_p. Both are a prefix of
+   the rank order: the tokens above a threshold key t plus the first `ties` tokens (by id) at t,
+   found by the threshold search of `worker.kernels.threshold_search` (chunk-parallel bucket passes,
+   then a short search over the few candidates left); the id of the last tie kept is looked up once;
+3. min-p: tokens with probability below min_p * (the largest) leave; count and mass of what stays
+   (per chunk);
+4. Gumbel-max over the kept tokens per chunk with the counter-based hash of
+   `worker.sampler.hashed_uniform` (the torch sampler's random numbers), then the winner per row;
+5. top logprobs: the K-th key of the rank order by the same search, every chunk's tokens above it
+   and first ties at it, ranked per row.
 This is `worker.sampler.torch_sample`'s distribution: the same tokens for the same seeds, the same
 logprobs up to float32 rounding (sums are taken in another order, so a token within rounding of a
 filter boundary may fall on the other side).
@@ -26,314 +27,387 @@ import triton
 import triton.language as tl
 
 from worker.kernels.sampling import _mix32, _mix64
+from worker.kernels.threshold_search import (CAP, CHUNK, NB, PASSES, VALUE_PASSES, _key, _scaled, _src, _value,
+                                             finish_search, nth_at, run_passes)
 
-BLOCK = 2048  # entries per iteration of the streaming passes
-SEARCH_BLOCK = 256  # entries per iteration of a search pass ([SEARCH_BLOCK, BUCKETS] tiles)
-BUCKETS = 16
-VALUE_PASSES = 2  # search passes that split the value range evenly before splitting the key range
+BLOCK = 1024  # entries per iteration of a chunk's streaming loops
+ROW_BLOCK = 1024  # entries per iteration of a per-row search over candidates
 MAX_TOP_LOGPROBS = 64
+STATES = PASSES + 1
+# per-row results: float32 columns and int32 columns
+M, Z, LSE_RAW, KEPT_MASS, TIE_SCALE, LOG_Z = range(6)
+GREEDY, FINITE, LOW, LOW_RAW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = range(13)
 
 
 @triton.jit
-def _scaled(ptr, cols, mask, divisor):
-    """Logits / divisor in float32 (IEEE division, as torch), -0 made +0 so that it ties with +0."""
-    s = tl.math.div_rn(tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32), divisor)
-    return tl.where(s == 0.0, 0.0, s)
-
-
-@triton.jit
-def _key(s):
-    """An int32 key with the order of the float32 values."""
-    bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _value(key):
-    """The float32 value of a key (inverse of `_key`)."""
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pivots(lo, hi, passes, buckets, NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """The first key of each bucket of [lo, hi] (the first is lo): even in value for the first passes, then in key."""
-    span = hi.to(tl.int64) - lo.to(tl.int64) + 1
-    by_key = (lo.to(tl.int64) + span * buckets // NB).to(tl.int32)
-    lo_v, hi_v = _value(lo), _value(hi)
-    width = hi_v - lo_v
-    by_value = tl.minimum(tl.maximum(_key(lo_v + width * (buckets.to(tl.float32) / NB)), lo), hi)
-    by_value = tl.where(buckets == 0, lo, by_value)
-    use_value = (passes < VALUE_PASSES) & (width < float("inf")) & (lo_v > float("-inf"))
-    return tl.where(use_value, by_value, by_key)
-
-
-@triton.jit
-def _search(ptr, vocab, divisor, m, lo, hi, target, by_mass, tie_key, tie_scale,
-            BLOCK: tl.constexpr, NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """The largest token key t in [lo, hi] with W(>= t) >= target, given W(>= lo) >= target.
-
-    W sums a weight over the tokens at or above a key: 1 (count), or e = exp(s - m) when `by_mass`;
-    tokens at `tie_key` weigh tie_scale * e (the share of a tie an earlier filter kept).
-    Returns t, the count and mass strictly above t, and the count and mass at t.
-    """
-    offs = tl.arange(0, BLOCK)
-    buckets = tl.arange(0, NB)
-    above_cnt = tl.sum(tl.zeros([NB], tl.int32), axis=0)
-    above_mass = tl.sum(tl.zeros([NB], tl.float32), axis=0)
-    tie_cnt, tie_mass = above_cnt, above_mass
-    passes = above_cnt
-    go = above_cnt == 0
-    while go:
-        qs = _pivots(lo, hi, passes, buckets, NB, VALUE_PASSES)
-        cnt = tl.zeros([NB], tl.int32)
-        mass = tl.zeros([NB], tl.float32)
-        kmin = tl.full([NB], 2147483647, tl.int32)
-        kmax = tl.full([NB], -2147483647, tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs
-            s = _scaled(ptr, cols, cols < vocab, divisor)
-            k = _key(s)
-            inside = (cols < vocab) & (k >= lo) & (k <= hi)
-            if tl.max(inside.to(tl.int32), axis=0) > 0:
-                e = tl.exp(s - m) * tl.where(k == tie_key, tie_scale, 1.0)
-                b = tl.sum((k[:, None] >= qs[None, :]).to(tl.int32), axis=1) - 1
-                hit = (b[:, None] == buckets[None, :]) & inside[:, None]
-                cnt += tl.sum(hit.to(tl.int32), axis=0)
-                mass += tl.sum(tl.where(hit, e[:, None], 0.0), axis=0)
-                kmin = tl.minimum(kmin, tl.min(tl.where(hit, k[:, None], 2147483647), axis=0))
-                kmax = tl.maximum(kmax, tl.max(tl.where(hit, k[:, None], -2147483647), axis=0))
-        weight = tl.where(by_mass, mass, cnt.to(tl.float32))
-        at_or_above = tl.sum(weight, axis=0) - tl.cumsum(weight, axis=0) + weight  # W(>= qs[j]) - above
-        above_w = tl.where(by_mass, above_mass, above_cnt.to(tl.float32))
-        chosen = tl.max(tl.where(above_w + at_or_above >= target, buckets, 0), axis=0)
-        pick = buckets == chosen
-        higher = buckets > chosen
-        above_cnt += tl.sum(tl.where(higher, cnt, 0), axis=0)
-        above_mass += tl.sum(tl.where(higher, mass, 0.0), axis=0)
-        tie_cnt = tl.sum(tl.where(pick, cnt, 0), axis=0)
-        tie_mass = tl.sum(tl.where(pick, mass, 0.0), axis=0)
-        lo = tl.sum(tl.where(pick, kmin, 0), axis=0)
-        hi = tl.sum(tl.where(pick, kmax, 0), axis=0)
-        passes += 1
-        go = lo < hi
-    return lo, above_cnt, above_mass, tie_cnt, tie_mass
-
-
-@triton.jit
-def _stats(work, raw, vocab, divisor, SEPARATE_RAW: tl.constexpr, BLOCK: tl.constexpr):
-    """Of s: max m, sum exp(s - m), first argmax, count of finite s and smallest finite key; of the raw
-    logits: log-sum-exp and smallest key."""
-    offs = tl.arange(0, BLOCK)
+def _stats_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, cf, ci,
+                  SEPARATE_RAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk, of s: max, sum exp(s - max), first argmax, finite count, smallest finite key; of the raw
+    logits: max, sum exp(x - max), smallest key."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    temp = tl.load(temp_ptr + row)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
+    work, raw = work_ptr + row * stride_work, raw_ptr + row * stride_raw
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     z = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    m_raw, z_raw, best = m, z, m
-    best_index = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
-    finite = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    m_raw, z_raw = m, z
+    best_index = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    finite = best_index
     low = tl.max(tl.full([BLOCK], 2147483647, tl.int32), axis=0)
     low_raw = low
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        x = tl.load(work + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        s = tl.math.div_rn(x, divisor)
-        s = tl.where(s == 0.0, 0.0, s)
+    end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+    for start in range(chunk * CHUNK, end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < end
+        s = _scaled(work, cols, ok, divisor)
         if SEPARATE_RAW:
-            x = tl.load(raw + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            x = tl.load(raw + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        else:
+            x = tl.load(work + cols, mask=ok, other=float("-inf")).to(tl.float32)
         tile_best = tl.max(s, axis=0)
-        best_index = tl.where(tile_best > best, start + tl.argmax(s, axis=0).to(tl.int64), best_index)
-        best = tl.maximum(best, tile_best)
+        best_index = tl.where(tile_best > m, start + tl.argmax(s, axis=0), best_index)
         m_new = tl.maximum(m, tile_best)
         z = tl.where(m_new > float("-inf"), z * tl.exp(m - m_new), 0.0) + tl.sum(
             tl.where(s > float("-inf"), tl.exp(s - m_new), 0.0), axis=0)
         m = m_new
-        m_raw_new = tl.maximum(m_raw, tl.max(x, axis=0))
-        z_raw = z_raw * tl.exp(m_raw - m_raw_new) + tl.sum(tl.exp(x - m_raw_new), axis=0)
-        m_raw = m_raw_new
+        raw_new = tl.maximum(m_raw, tl.max(x, axis=0))
+        z_raw = tl.where(raw_new > float("-inf"), z_raw * tl.exp(m_raw - raw_new), 0.0) + tl.sum(
+            tl.where(x > float("-inf"), tl.exp(x - raw_new), 0.0), axis=0)
+        m_raw = raw_new
         is_finite = s > float("-inf")
         finite += tl.sum(is_finite.to(tl.int32), axis=0)
         low = tl.minimum(low, tl.min(tl.where(is_finite, _key(s), 2147483647), axis=0))
-        low_raw = tl.minimum(low_raw, tl.min(tl.where(cols < vocab, _key(tl.where(x == 0.0, 0.0, x)), 2147483647),
-                                             axis=0))
-    return m, z, best_index, finite, low, m_raw + tl.log(z_raw), low_raw
+        low_raw = tl.minimum(low_raw, tl.min(tl.where(ok, _key(tl.where(x == 0.0, 0.0, x)), 2147483647), axis=0))
+    out = (row * tl.num_programs(1) + chunk) * 4
+    tl.store(cf + out, m)
+    tl.store(cf + out + 1, z)
+    tl.store(cf + out + 2, m_raw)
+    tl.store(cf + out + 3, z_raw)
+    tl.store(ci + out, best_index)
+    tl.store(ci + out + 1, finite)
+    tl.store(ci + out + 2, low)
+    tl.store(ci + out + 3, low_raw)
 
 
 @triton.jit
-def _filters(work, vocab, divisor, m, z, finite, low, top_k, top_p, SEARCH_BLOCK: tl.constexpr,
-             NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """The top-k then top-p prefix of the rank order: (threshold key t, ties kept at t, count and mass kept).
+def _init_search(si, sf, row, active, lo, hi, target, by_mass, tie_key, raw_src, tie_scale, m,
+                 STATES: tl.constexpr):
+    """Write state 0 of a search (see `worker.kernels.threshold_search`); flags are int32 0 / 1."""
+    base_i, base_f = si + row * STATES * 8, sf + row * STATES * 4
+    tl.store(base_i, lo * 0 + active)
+    tl.store(base_i + 1, lo)
+    tl.store(base_i + 2, hi)
+    tl.store(base_i + 3, lo * 0)
+    tl.store(base_i + 4, lo * 0 + by_mass)
+    tl.store(base_i + 5, tie_key)
+    tl.store(base_i + 6, lo * 0 + raw_src)
+    tl.store(base_i + 7, lo * 0)
+    tl.store(base_f, m * 0.0)
+    tl.store(base_f + 1, target)
+    tl.store(base_f + 2, tie_scale)
+    tl.store(base_f + 3, m)
 
-    Kept are the tokens whose key is above t and the first `ties` tokens (by id) at t.
-    """
-    t = _key(tl.full((), float("-inf"), tl.float32))  # no filter: every finite token lies above t
-    ties = finite * 0
-    kept, kept_mass = finite, z
-    tie_scale = z * 0.0 + 1.0
-    on_k = top_k < finite
+
+@triton.jit
+def _setup_kernel(cf, ci, num_chunks, temp_ptr, top_k_ptr, raw_mode_ptr, rf, ri,
+                  k_si, k_sf, l_si, l_sf, K: tl.constexpr, MAX_CHUNKS: tl.constexpr, STATES: tl.constexpr):
+    """The row's stats from its chunks'; the default (unfiltered) results; state 0 of the top-k and top-logprobs searches."""
+    row = tl.program_id(0).to(tl.int64)
+    chunks = tl.arange(0, MAX_CHUNKS)
+    ok = chunks < num_chunks
+    base = (row * num_chunks + chunks) * 4
+    m_c = tl.load(cf + base, mask=ok, other=float("-inf"))
+    m = tl.max(m_c, axis=0)
+    z = tl.sum(tl.where(m_c > float("-inf"), tl.load(cf + base + 1, mask=ok, other=0.0) * tl.exp(m_c - m), 0.0),
+               axis=0)
+    mr_c = tl.load(cf + base + 2, mask=ok, other=float("-inf"))
+    m_raw = tl.max(mr_c, axis=0)
+    lse_raw = m_raw + tl.log(tl.sum(tl.where(mr_c > float("-inf"), tl.load(cf + base + 3, mask=ok, other=0.0)
+                                             * tl.exp(mr_c - m_raw), 0.0), axis=0))
+    first = tl.min(tl.where(ok & (m_c == m), chunks, MAX_CHUNKS), axis=0)
+    greedy = tl.load(ci + (row * num_chunks + first) * 4)
+    finite = tl.sum(tl.load(ci + base + 1, mask=ok, other=0), axis=0)
+    low = tl.min(tl.load(ci + base + 2, mask=ok, other=2147483647), axis=0)
+    temp = tl.load(temp_ptr + row)
+    use_raw = tl.load(raw_mode_ptr + row) != 0
+    matter = (temp != 0.0) | (~use_raw)  # the filters matter: sampled, or processed logprobs
+    bottom = _key(tl.full((), float("-inf"), tl.float32))
+    rfo, rio = rf + row * 8, ri + row * 16
+    tl.store(rfo + 0, m)
+    tl.store(rfo + 1, z)
+    tl.store(rfo + 2, lse_raw)
+    tl.store(rfo + 3, z)
+    tl.store(rio + 0, greedy)
+    tl.store(rio + 1, finite)
+    tl.store(rio + 2, low)
+    tl.store(rio + 4, bottom)
+    tl.store(rio + 5, finite * 0)
+    tl.store(rio + 6, finite)
+    tl.store(rio + 7, finite * 0 - 1)
+    tl.store(rio + 8, finite * 0)
+    tl.store(rio + 9, matter.to(tl.int32))
+    top_k = tl.load(top_k_ptr + row)
+    _init_search(k_si, k_sf, row, (matter & (top_k < finite)).to(tl.int32), low, _key(m), top_k.to(tl.float32), 0,
+                 bottom, 0, 1.0, m, STATES)
+    if K > 0:
+        low_raw = tl.min(tl.load(ci + base + 3, mask=ok, other=2147483647), axis=0)
+        lo = tl.where(use_raw, low_raw, tl.where(finite >= K, low, bottom))
+        _init_search(l_si, l_sf, row, 1, lo, tl.where(use_raw, _key(lse_raw), _key(m)), K * 1.0, 0, lo,
+                     use_raw.to(tl.int32), 1.0, tl.where(use_raw, lse_raw, m), STATES)
+
+
+@triton.jit
+def _topk_done_kernel(work_ptr, stride_work, vocab, temp_ptr, top_p_ptr, rf, ri, k_si, k_sf, cand_s, cand_id,
+                      p_si, p_sf, STATES: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                      VALUE_PASSES: tl.constexpr):
+    """Finish the top-k search: what top-k keeps; state 0 of the top-p search over it."""
+    row = tl.program_id(0).to(tl.int64)
+    work = work_ptr + row * stride_work
+    temp = tl.load(temp_ptr + row)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
+    rfo, rio = rf + row * 8, ri + row * 16
+    m, kept_mass = tl.load(rfo + M), tl.load(rfo + KEPT_MASS)
+    t, kept, low = tl.load(rio + T), tl.load(rio + KEPT), tl.load(rio + LOW)
+    tie_scale = m * 0.0 + 1.0
+    on_k = tl.load(k_si + row * STATES * 8) != 0
     if on_k:
-        t, above, above_mass, at_count, _ = _search(work, vocab, divisor, m, low, _key(m), top_k.to(tl.float32),
-                                                    False, t, 1.0, SEARCH_BLOCK, NB, VALUE_PASSES)
-        ties = top_k.to(tl.int32) - above
-        kept = top_k.to(tl.int32)
+        top_k = tl.load(k_sf + row * STATES * 4 + 1).to(tl.int32)
+        t, above, above_mass, at_count, _ = finish_search(work, work, vocab, divisor, k_si, k_sf, cand_s, row,
+                                                          STATES, CAP, BLOCK, NB, VALUE_PASSES)
+        ties = top_k - above
+        kept = top_k
         kept_mass = above_mass + ties.to(tl.float32) * tl.exp(_value(t) - m)
         tie_scale = ties.to(tl.float32) / at_count.to(tl.float32)
-    if top_p < 1.0:
-        target = top_p * kept_mass
-        tp, above, above_mass, at_count, _ = _search(work, vocab, divisor, m, tl.where(on_k, t, low), _key(m),
-                                                     target, True, t, tie_scale, SEARCH_BLOCK, NB, VALUE_PASSES)
-        count = tl.where(on_k & (tp == t), ties, at_count)
+        tl.store(rfo + KEPT_MASS, kept_mass)
+        tl.store(rio + T, t)
+        tl.store(rio + TIES, ties)
+        tl.store(rio + KEPT, kept)
+        tl.store(rio + ON_K, 1)
+        tl.store(rio + CUTOFF, nth_at(work, vocab, divisor, cand_s, cand_id, k_si, row, t, ties, STATES, CAP, BLOCK))
+    top_p = tl.load(top_p_ptr + row)
+    _init_search(p_si, p_sf, row, ((tl.load(rio + MATTER) != 0) & (top_p < 1.0)).to(tl.int32),
+                 tl.where(on_k, t, low), _key(m), top_p * kept_mass, 1, t, 0, tie_scale, m, STATES)
+
+
+@triton.jit
+def _topp_done_kernel(work_ptr, stride_work, vocab, temp_ptr, rf, ri, p_si, p_sf, cand_s, cand_id,
+                      STATES: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                      VALUE_PASSES: tl.constexpr):
+    """Finish the top-p search: the nucleus of what top-k kept (the i-th token tied at the threshold, from 0,
+    stays while the mass before it is below the target)."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(p_si + row * STATES * 8) != 0:
+        work = work_ptr + row * stride_work
+        temp = tl.load(temp_ptr + row)
+        divisor = tl.where(temp == 0.0, 1.0, temp)
+        rfo, rio = rf + row * 8, ri + row * 16
+        m, target = tl.load(rfo + M), tl.load(p_sf + row * STATES * 4 + 1)
+        tp, above, above_mass, at_count, _ = finish_search(work, work, vocab, divisor, p_si, p_sf, cand_s, row,
+                                                           STATES, CAP, BLOCK, NB, VALUE_PASSES)
+        count = tl.where((tl.load(rio + ON_K) != 0) & (tp == tl.load(rio + T)), tl.load(rio + TIES), at_count)
         e = tl.exp(_value(tp) - m)
-        # the i-th tied token (from 0) stays while the mass before it, above_mass + i * e, is below target
         room = tl.maximum(tl.ceil((target - above_mass) / e), 1.0)
         ties = tl.where(e > 0.0, tl.minimum(count.to(tl.float32), room).to(tl.int32), count)
-        t, kept, kept_mass = tp, above + ties, above_mass + ties.to(tl.float32) * e
-    return t, ties, kept, kept_mass
+        tl.store(rfo + KEPT_MASS, above_mass + ties.to(tl.float32) * e)
+        tl.store(rio + T, tp)
+        tl.store(rio + TIES, ties)
+        tl.store(rio + KEPT, above + ties)
+        tl.store(rio + CUTOFF, nth_at(work, vocab, divisor, cand_s, cand_id, p_si, row, tp, ties, STATES, CAP,
+                                      BLOCK))
 
 
 @triton.jit
-def _kept(k, e, t, ties, tie_rank, kept_mass, min_p):
-    """Whether tokens (keys k, e = exp(s - m), rank among the tokens at t) survive top-k, top-p and min-p."""
-    prefix = (k > t) | ((k == t) & (tie_rank < ties))
-    # min-p as torch: probs = e / Z < max(probs) * min_p, with max(probs) = 1 / Z
-    return prefix & (e / kept_mass >= (1.0 / kept_mass) * min_p)
+def _kept(s, cols, m, t, cutoff, kept_mass, min_p):
+    """Whether tokens survive top-k, top-p (keys above t, or at t up to id `cutoff`) and min-p
+    (as torch: probs = e / Z < max(probs) * min_p, with max(probs) = 1 / Z)."""
+    k = _key(s)
+    prefix = (k > t) | ((k == t) & (cols <= cutoff))
+    return prefix & (tl.exp(s - m) / kept_mass >= (1.0 / kept_mass) * min_p)
 
 
 @triton.jit
-def _final(work, vocab, divisor, m, t, ties, kept_mass, min_p, temp, key_high, key_low, BLOCK: tl.constexpr):
-    """Count and mass of the kept tokens (after min-p), and the Gumbel-max pick among them (sampled rows)."""
-    offs = tl.arange(0, BLOCK)
-    count = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-    mass = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    seen = count
+def _min_p_kernel(work_ptr, stride_work, vocab, temp_ptr, min_p_ptr, rf, ri, mp, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Per chunk (rows with min-p): count and mass of the tokens every filter keeps."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    rfo, rio = rf + row * 8, ri + row * 16
+    min_p = tl.where(tl.load(rio + MATTER) != 0, tl.load(min_p_ptr + row), 0.0)
     if min_p > 0.0:
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs
-            s = _scaled(work, cols, cols < vocab, divisor)
-            k = _key(s)
-            at_t = (k == t) & (cols < vocab)
-            tie_rank = seen + tl.cumsum(at_t.to(tl.int32), axis=0) - 1
-            seen += tl.sum(at_t.to(tl.int32), axis=0)
-            e = tl.exp(s - m)
-            keep = _kept(k, e, t, ties, tie_rank, kept_mass, min_p) & (cols < vocab)
+        temp = tl.load(temp_ptr + row)
+        divisor = tl.where(temp == 0.0, 1.0, temp)
+        m, kept_mass = tl.load(rfo + M), tl.load(rfo + KEPT_MASS)
+        t, cutoff = tl.load(rio + T), tl.load(rio + CUTOFF)
+        count = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        mass = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+        for start in range(chunk * CHUNK, end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            s = _scaled(work_ptr + row * stride_work, cols, cols < end, divisor)
+            keep = _kept(s, cols, m, t, cutoff, kept_mass, min_p) & (cols < end)
             count += tl.sum(keep.to(tl.int32), axis=0)
-            mass += tl.sum(tl.where(keep, e, 0.0), axis=0)
-    else:
-        mass = kept_mass
-    log_z = tl.log(mass)
-    best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-    best_index = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
-    seen = seen * 0
+            mass += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
+        out = (row * tl.num_programs(1) + chunk) * 2
+        tl.store(mp + out, count.to(tl.float32))
+        tl.store(mp + out + 1, mass)
+
+
+@triton.jit
+def _log_norm(rf, ri, mp, min_p_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+    """The row's log of the kept mass (after min-p) and the count of kept tokens."""
+    rio = ri + row * 16
+    min_p = tl.where(tl.load(rio + MATTER) != 0, tl.load(min_p_ptr + row), 0.0)
+    chunks = tl.arange(0, MAX_CHUNKS)
+    ok = (chunks < num_chunks) & (tl.full([MAX_CHUNKS], 0.0, tl.float32) < min_p)
+    count = tl.sum(tl.load(mp + (row * num_chunks + chunks) * 2, mask=ok, other=0.0), axis=0).to(tl.int32)
+    mass = tl.sum(tl.load(mp + (row * num_chunks + chunks) * 2 + 1, mask=ok, other=0.0), axis=0)
+    count = tl.where(min_p > 0.0, count, tl.load(rio + KEPT))
+    return tl.log(tl.where(min_p > 0.0, mass, tl.load(rf + row * 8 + KEPT_MASS))), count, min_p
+
+
+@triton.jit
+def _gumbel_kernel(work_ptr, stride_work, vocab, temp_ptr, min_p_ptr, seed_ptr, step_ptr, rf, ri, mp, gb, gi,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    """Per chunk (sampled rows): the best log-probability + Gumbel noise among the kept tokens, and its index."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    temp = tl.load(temp_ptr + row)
     if temp != 0.0:
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs
-            s = _scaled(work, cols, cols < vocab, divisor)
-            k = _key(s)
-            at_t = (k == t) & (cols < vocab)
-            tie_rank = seen + tl.cumsum(at_t.to(tl.int32), axis=0) - 1
-            seen += tl.sum(at_t.to(tl.int32), axis=0)
-            keep = _kept(k, tl.exp(s - m), t, ties, tie_rank, kept_mass, min_p) & (cols < vocab)
+        log_z, _, min_p = _log_norm(rf, ri, mp, min_p_ptr, row, tl.num_programs(1), MAX_CHUNKS)
+        m, kept_mass = tl.load(rf + row * 8 + M), tl.load(rf + row * 8 + KEPT_MASS)
+        t, cutoff = tl.load(ri + row * 16 + T), tl.load(ri + row * 16 + CUTOFF)
+        seed = tl.load(seed_ptr + row)
+        mask = tl.full((), 0xFFFFFFFF, tl.int64)
+        high = seed >> 32
+        low = _mix64(_mix64((seed & mask) ^ _mix64(high)) ^ (tl.load(step_ptr + row) & mask))
+        key_high, key_low = _mix64(high ^ low).to(tl.uint32), low.to(tl.uint32)
+        best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        best_index = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+        for start in range(chunk * CHUNK, end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            s = _scaled(work_ptr + row * stride_work, cols, cols < end, temp)
+            keep = _kept(s, cols, m, t, cutoff, kept_mass, min_p) & (cols < end)
             bits = _mix32(key_high ^ _mix32(key_low ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9)))
             u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             v = tl.where(keep, ((s - m) - log_z) + -tl.log(-tl.log(u)), float("-inf"))
             tile_best = tl.max(v, axis=0)
-            best_index = tl.where(tile_best > best, start + tl.argmax(v, axis=0).to(tl.int64), best_index)
+            best_index = tl.where(tile_best > best, start + tl.argmax(v, axis=0), best_index)
             best = tl.maximum(best, tile_best)
-    return count, log_z, best_index
+        out = row * tl.num_programs(1) + chunk
+        tl.store(gb + out, best)
+        tl.store(gi + out, best_index)
 
 
 @triton.jit
-def _row_key(seed_ptr, step_ptr, row):
-    """The row's hash key (high, low) as `worker.sampler._row_keys`."""
-    seed = tl.load(seed_ptr + row)
-    mask = tl.full((), 0xFFFFFFFF, tl.int64)
-    high = seed >> 32
-    low = _mix64(_mix64((seed & mask) ^ _mix64(high)) ^ (tl.load(step_ptr + row) & mask))
-    return _mix64(high ^ low).to(tl.uint32), low.to(tl.uint32)
+def _pick_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, min_p_ptr, raw_mode_ptr, rf, ri, mp, gb, gi,
+                 num_chunks, token_ptr, logprob_ptr, MAX_CHUNKS: tl.constexpr):
+    """The row's token (greedy, or the best chunk's) and its processed or raw logprob."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(temp_ptr + row)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
+    log_z, count, _ = _log_norm(rf, ri, mp, min_p_ptr, row, num_chunks, MAX_CHUNKS)
+    chunks = tl.arange(0, MAX_CHUNKS)
+    values = tl.load(gb + row * num_chunks + chunks, mask=(chunks < num_chunks) & (tl.full([MAX_CHUNKS], 0.0, tl.float32) != temp),
+                     other=float("-inf"))
+    winner = tl.argmax(values, axis=0)
+    sampled = tl.load(gi + row * num_chunks + winner, mask=temp != 0.0, other=0)
+    token = tl.where(temp == 0.0, tl.load(ri + row * 16 + GREEDY), sampled).to(tl.int64)
+    m, lse_raw = tl.load(rf + row * 8 + M), tl.load(rf + row * 8 + LSE_RAW)
+    processed = (_scaled(work_ptr + row * stride_work, token, True, divisor) - m) - log_z
+    raw_logprob = tl.load(raw_ptr + row * stride_raw + token).to(tl.float32) - lse_raw
+    tl.store(token_ptr + row, token)
+    tl.store(logprob_ptr + row, tl.where(tl.load(raw_mode_ptr + row) != 0, raw_logprob, processed))
+    tl.store(rf + row * 8 + LOG_Z, log_z)
+    tl.store(ri + row * 16 + COUNT, count)
 
 
 @triton.jit
-def _top_logprobs(src, vocab, divisor, lowest, top_max, rank_limit, shift, log_z, processed, scratch, ids_out, vals_out,
-                  K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
-                  NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """The first K tokens of the rank order of s = src / divisor, in that order, with
-    values (s - shift) - log_z; where `processed`, -inf from rank `rank_limit` on (tokens the filters dropped).
-    At least K tokens have keys >= lowest, none above key(top_max)."""
-    t, above, _, _, _ = _search(src, vocab, divisor, top_max, lowest, _key(top_max), K * 1.0, False, lowest, 1.0,
-                                SEARCH_BLOCK, NB, VALUE_PASSES)
-    offs = tl.arange(0, BLOCK)
-    ties = K - above
-    seen = above * 0
-    taken = above * 0
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        k = _key(_scaled(src, cols, cols < vocab, divisor))
-        at_t = (k == t) & (cols < vocab)
-        tie_rank = seen + tl.cumsum(at_t.to(tl.int32), axis=0) - 1
-        seen += tl.sum(at_t.to(tl.int32), axis=0)
-        take = ((k > t) | (at_t & (tie_rank < ties))) & (cols < vocab)
-        slot = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(scratch + slot, cols.to(tl.int64), mask=take)
-        taken += tl.sum(take.to(tl.int32), axis=0)
-    tl.debug_barrier()
-    lanes = tl.arange(0, KP)
-    valid = lanes < K
-    ids = tl.load(scratch + lanes, mask=valid, other=0)
-    s = _scaled(src, ids, valid, divisor)
-    k = _key(s)
-    before = (k[None, :] > k[:, None]) | ((k[None, :] == k[:, None]) & (ids[None, :] < ids[:, None]))
-    rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
-    vals = tl.where(processed & (rank >= rank_limit), float("-inf"), (s - shift) - log_z)
-    tl.store(ids_out + rank, ids, mask=valid)
-    tl.store(vals_out + rank, vals, mask=valid)
+def _top_done_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, ri, l_si, l_sf, cand_s,
+                     STATES: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                     VALUE_PASSES: tl.constexpr):
+    """Finish the top-logprobs search: the K-th key of the rank order and the count above it."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(temp_ptr + row)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
+    t, above, _, _, _ = finish_search(work_ptr + row * stride_work, raw_ptr + row * stride_raw, vocab, divisor,
+                                      l_si, l_sf, cand_s, row, STATES, CAP, BLOCK, NB, VALUE_PASSES)
+    tl.store(ri + row * 16 + T_TOP, t)
+    tl.store(ri + row * 16 + ABOVE_TOP, above)
 
 
 @triton.jit
-def _sample_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-                   seed_ptr, step_ptr, raw_mode_ptr, token_ptr, logprob_ptr, top_ids_ptr, top_vals_ptr, scratch_ptr,
-                   K: tl.constexpr, KP: tl.constexpr, SEPARATE_RAW: tl.constexpr, BLOCK: tl.constexpr,
-                   SEARCH_BLOCK: tl.constexpr, NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
-    work = work_ptr + row * stride_work
-    raw = raw_ptr + row * stride_raw
+def _slots_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, raw_mode_ptr, ri, slots,
+                  K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk: the ids of its tokens above the K-th key and of its first ties at it (the row's first K
+    tokens are among the chunks' lists), -1 in the unused slots."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     divisor = tl.where(temp == 0.0, 1.0, temp)
     use_raw = tl.load(raw_mode_ptr + row) != 0
-    m, z, greedy_index, finite, low, lse_raw, low_raw = _stats(work, raw, vocab, divisor, SEPARATE_RAW, BLOCK)
-    bottom = _key(tl.full((), float("-inf"), tl.float32))
-    t = bottom  # no filter: every finite token lies above t
-    ties, kept, kept_mass = finite * 0, finite, z
-    min_p = tl.load(min_p_ptr + row)
-    if (temp != 0.0) | (tl.load(raw_mode_ptr + row) == 0):  # the filters matter: sampled, or processed logprobs
-        t, ties, kept, kept_mass = _filters(work, vocab, divisor, m, z, finite, low, tl.load(top_k_ptr + row),
-                                            tl.load(top_p_ptr + row), SEARCH_BLOCK, NB, VALUE_PASSES)
-    else:
-        min_p = min_p * 0.0
-    key_high, key_low = _row_key(seed_ptr, step_ptr, row)
-    count, log_z, sampled = _final(work, vocab, divisor, m, t, ties, kept_mass, min_p, temp, key_high, key_low,
-                                   BLOCK)
-    count = tl.where(min_p > 0.0, count, kept)
-    token = tl.where(temp == 0.0, greedy_index, sampled)
-    processed = (_scaled(work, token, True, divisor) - m) - log_z
-    raw_logprob = tl.load(raw + token).to(tl.float32) - lse_raw
-    tl.store(token_ptr + row, token)
-    tl.store(logprob_ptr + row, tl.where(use_raw, raw_logprob, processed))
-    if K > 0:
-        scratch, ids_out, vals_out = scratch_ptr + row * KP, top_ids_ptr + row * K, top_vals_ptr + row * K
-        if use_raw:
-            _top_logprobs(raw, vocab, 1.0, low_raw, lse_raw, count, 0.0, lse_raw, False, scratch, ids_out, vals_out,
-                          K, KP, BLOCK, SEARCH_BLOCK, NB, VALUE_PASSES)
-        else:
-            _top_logprobs(work, vocab, divisor, tl.where(finite >= K, low, bottom), m, count, m, log_z, True, scratch, ids_out, vals_out,
-                          K, KP, BLOCK, SEARCH_BLOCK, NB, VALUE_PASSES)
+    t, ties = tl.load(ri + row * 16 + T_TOP), K - tl.load(ri + row * 16 + ABOVE_TOP)
+    out = slots + (row * tl.num_programs(1) + chunk) * KP
+    seen = ties * 0
+    taken = ties * 0
+    end = tl.minimum(vocab, (chunk + 1) * CHUNK)
+    for start in range(chunk * CHUNK, end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        k = _key(_src(work_ptr + row * stride_work, raw_ptr + row * stride_raw, use_raw, cols, cols < end, divisor))
+        at_t = (k == t) & (cols < end)
+        tie_rank = seen + tl.cumsum(at_t.to(tl.int32), axis=0) - 1
+        seen += tl.sum(at_t.to(tl.int32), axis=0)
+        take = ((k > t) & (cols < end)) | (at_t & (tie_rank < ties))
+        slot = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out + slot, cols, mask=take & (slot < KP))
+        taken += tl.sum(take.to(tl.int32), axis=0)
+    lanes = tl.arange(0, KP)
+    tl.store(out + lanes, tl.full([KP], -1, tl.int32), mask=lanes >= taken)
+
+
+@triton.jit
+def _rank_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, raw_mode_ptr, rf, ri, slots, num_slots,
+                 ids_out, vals_out, K: tl.constexpr, N: tl.constexpr, RB: tl.constexpr):
+    """The first K tokens of the row's rank order among the chunks' slots, in order, with their logprobs
+    (processed ones: -inf from the kept count on, for tokens the filters dropped)."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(temp_ptr + row)
+    divisor = tl.where(temp == 0.0, 1.0, temp)
+    use_raw = tl.load(raw_mode_ptr + row) != 0
+    work, raw = work_ptr + row * stride_work, raw_ptr + row * stride_raw
+    lanes = tl.arange(0, N)
+    ids = tl.load(slots + row * num_slots + lanes, mask=lanes < num_slots, other=-1)
+    valid = ids >= 0
+    k = _key(_src(work, raw, use_raw, ids, valid, divisor))
+    shift = tl.where(use_raw, 0.0, tl.load(rf + row * 8 + M))
+    log_z = tl.where(use_raw, tl.load(rf + row * 8 + LSE_RAW), tl.load(rf + row * 8 + LOG_Z))
+    count = tl.load(ri + row * 16 + COUNT)
+    for start in range(0, N, RB):
+        mine = start + tl.arange(0, RB)
+        my_ids = tl.load(slots + row * num_slots + mine, mask=mine < num_slots, other=-1)
+        my_ok = my_ids >= 0
+        s = _src(work, raw, use_raw, my_ids, my_ok, divisor)
+        my_k = _key(s)
+        before = (k[None, :] > my_k[:, None]) | ((k[None, :] == my_k[:, None]) & (ids[None, :] < my_ids[:, None]))
+        rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
+        vals = tl.where((~use_raw) & (rank >= count), float("-inf"), (s - shift) - log_z)
+        store = my_ok & (rank < K)
+        tl.store(ids_out + row * K + rank, my_ids.to(tl.int64), mask=store)
+        tl.store(vals_out + row * K + rank, vals, mask=store)
 
 
 def filtered_sample(logits: torch.Tensor, raw_logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                     top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                    use_raw: torch.Tensor, num_top: int) -> tuple[torch.Tensor, ...]:
+                    use_raw: torch.Tensor, num_top: int, filters: bool = True,
+                    any_min_p: bool = True) -> tuple[torch.Tensor, ...]:
     """Sample one token per row of `logits` [S, V] (bans already -inf, penalties applied).
 
     `raw_logits` [S, V] are the logits the raw logprobs are of (may be `logits` itself). Per-row settings
     are [S] device tensors: temperature float32 (0 = greedy), top_k int64 (>= V disables), top_p float32
-    (>= 1 disables), min_p float32 (0 disables), seeds / steps int64, use_raw bool. Returns token ids [S]
-    int64, logprobs [S] float32, top ids [S, num_top] int64 and top logprobs [S, num_top] float32.
+    (>= 1 disables), min_p float32 (0 disables), seeds / steps int64, use_raw bool. `filters` False skips
+    the top-k / top-p searches (no row has one), `any_min_p` False the min-p pass (no row has one). Returns
+    token ids [S] int64, logprobs [S] float32, top ids [S, num_top] int64 and top logprobs [S, num_top] float32.
     """
     rows, vocab = logits.shape
     if logits.stride(1) != 1 or raw_logits.stride(1) != 1 or raw_logits.shape != logits.shape:
@@ -346,12 +420,47 @@ def filtered_sample(logits: torch.Tensor, raw_logits: torch.Tensor, temperature:
     logprobs = torch.empty(rows, dtype=torch.float32, device=device)
     top_ids = torch.empty(rows, num_top, dtype=torch.int64, device=device)
     top_logprobs = torch.empty(rows, num_top, dtype=torch.float32, device=device)
-    padded = max(2, triton.next_power_of_2(num_top))
-    scratch = torch.empty(rows, padded, dtype=torch.int64, device=device) if num_top else top_ids
-    if rows:
-        _sample_kernel[(rows,)](
-            logits, logits.stride(0), raw_logits, raw_logits.stride(0), vocab, temperature, top_k, top_p, min_p,
-            seeds, steps, use_raw, token_ids, logprobs, top_ids, top_logprobs, scratch,
-            K=num_top, KP=padded, SEPARATE_RAW=raw_logits.data_ptr() != logits.data_ptr(), BLOCK=BLOCK,
-            SEARCH_BLOCK=SEARCH_BLOCK, NB=BUCKETS, VALUE_PASSES=VALUE_PASSES, num_warps=8)
+    if rows == 0:
+        return token_ids, logprobs, top_ids, top_logprobs
+    chunks = triton.cdiv(vocab, CHUNK)
+    max_chunks = max(2, triton.next_power_of_2(chunks))
+    f32, i32 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int32, device=device)
+    cf, ci = torch.empty(rows, chunks, 4, **f32), torch.empty(rows, chunks, 4, **i32)
+    rf, ri = torch.empty(rows, 8, **f32), torch.empty(rows, 16, **i32)
+    states = [(torch.empty(rows, STATES, 8, **i32), torch.empty(rows, STATES, 4, **f32)) for _ in range(3)]
+    (k_si, k_sf), (p_si, p_sf), (l_si, l_sf) = states
+    cand_s, cand_id = torch.empty(rows, CAP, **f32), torch.empty(rows, CAP, **i32)
+    grid, row_grid = (rows, chunks), (rows,)
+    work_args = (logits, logits.stride(0))
+    search = dict(STATES=STATES, CAP=CAP, BLOCK=ROW_BLOCK, NB=NB, VALUE_PASSES=VALUE_PASSES, num_warps=4)
+    _stats_kernel[grid](*work_args, raw_logits, raw_logits.stride(0), vocab, temperature, cf, ci,
+                        SEPARATE_RAW=raw_logits.data_ptr() != logits.data_ptr(), CHUNK=CHUNK, BLOCK=BLOCK,
+                        num_warps=4)
+    _setup_kernel[row_grid](cf, ci, chunks, temperature, top_k, use_raw, rf, ri, k_si, k_sf, l_si, l_sf, K=num_top,
+                            MAX_CHUNKS=max_chunks, STATES=STATES, num_warps=1)
+    if filters:
+        run_passes(logits, logits, temperature, k_si, k_sf, cand_s, cand_id, CHUNK, CAP)
+        _topk_done_kernel[row_grid](*work_args, vocab, temperature, top_p, rf, ri, k_si, k_sf, cand_s, cand_id,
+                                    p_si, p_sf, **search)
+        run_passes(logits, logits, temperature, p_si, p_sf, cand_s, cand_id, CHUNK, CAP)
+        _topp_done_kernel[row_grid](*work_args, vocab, temperature, rf, ri, p_si, p_sf, cand_s, cand_id, **search)
+    mp = torch.empty(rows, chunks, 2, **f32)
+    if any_min_p:
+        _min_p_kernel[grid](*work_args, vocab, temperature, min_p, rf, ri, mp, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+    gb, gi = torch.empty(rows, chunks, **f32), torch.empty(rows, chunks, **i32)
+    _gumbel_kernel[grid](*work_args, vocab, temperature, min_p, seeds, steps, rf, ri, mp, gb, gi, CHUNK=CHUNK,
+                         BLOCK=BLOCK, MAX_CHUNKS=max_chunks, num_warps=4)
+    _pick_kernel[row_grid](*work_args, raw_logits, raw_logits.stride(0), temperature, min_p, use_raw, rf, ri, mp, gb,
+                           gi, chunks, token_ids, logprobs, MAX_CHUNKS=max_chunks, num_warps=1)
+    if num_top:
+        raw_args = (raw_logits, raw_logits.stride(0))
+        run_passes(logits, raw_logits, temperature, l_si, l_sf, cand_s, cand_id, CHUNK, CAP)
+        _top_done_kernel[row_grid](*work_args, *raw_args, vocab, temperature, ri, l_si, l_sf, cand_s, **search)
+        padded = max(2, triton.next_power_of_2(num_top))
+        slots = torch.empty(rows, chunks, padded, **i32)
+        _slots_kernel[grid](*work_args, *raw_args, vocab, temperature, use_raw, ri, slots, K=num_top, KP=padded,
+                            CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+        n = max(32, triton.next_power_of_2(chunks * padded))
+        _rank_kernel[row_grid](*work_args, *raw_args, temperature, use_raw, rf, ri, slots, chunks * padded, top_ids,
+                               top_logprobs, K=num_top, N=n, RB=32, num_warps=4)
     return token_ids, logprobs, top_ids, top_logprobs
