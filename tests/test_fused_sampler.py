@@ -50,10 +50,10 @@ def assert_agree(fused, expected, atol=1e-5):
 
 @pytest.fixture(params=["one_chunk", "split"])
 def layout(request, monkeypatch):
-    """"split": chunks of 256 tokens and room for 16 candidates, so that every row spans several chunk programs
+    """"split": chunks of 512 tokens and room for 16 candidates, so that every row spans several chunk programs
     and some threshold searches finish over the whole row (more tokens left than room for candidates)."""
     if request.param == "split":
-        monkeypatch.setattr(filtered_sampling, "CHUNK", 256)
+        monkeypatch.setattr(filtered_sampling, "CHUNK", 512)
         monkeypatch.setattr(filtered_sampling, "CAP", 16)
 
 
@@ -80,7 +80,7 @@ def tensors_for(rows, logits, k, seed):
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
-@pytest.mark.parametrize("k", [0, 5])
+@pytest.mark.parametrize("k, layout", [(0, "one_chunk"), (5, "one_chunk"), (5, "split")], indirect=["layout"])
 def test_every_filter_combination_gives_torch_samples_tokens_and_logprobs(ties, k, layout):
     vocab = 1500
     rows = combination_rows(vocab, seed=k + 2 * ties)
@@ -93,6 +93,7 @@ def test_every_filter_combination_gives_torch_samples_tokens_and_logprobs(ties, 
     assert_agree(fused_filtered_sample(logits.to(DEVICE), on_device(t)), on_device(expected))
 
 
+@pytest.mark.parametrize("layout", ["split"], indirect=True)
 def test_ties_at_the_boundaries_keep_the_smallest_token_ids(layout):
     """Eight tokens tie for the top (ids 10, 20, .., 80): top-k 3 keeps ids 10, 20, 30; top-p 0.3 keeps
     those whose mass before them (0, 1/8, 1/4 of the tied mass ~ the whole) is below 0.3: the same three."""
@@ -175,7 +176,7 @@ def test_penalties_match_float64_reference(fused):
                                    atol=1e-5, rtol=0)
 
 
-def test_penalties_with_filters_fused_equals_torch(layout):
+def test_penalties_with_filters_fused_equals_torch():
     vocab = 1500
     logits, state, _ = penalty_case(vocab, seed=9)
     t = make_tensors(6, temperature=[0.0, 1.0, 0.8, 1.2, 1.0, 0.5], top_k=[0, 40, 0, 5, 0, 0],

@@ -31,12 +31,12 @@ from worker.kernels.threshold_search import (CAP, CHUNK, NB, PASSES, VALUE_PASSE
                                              finish_search, nth_at, run_passes)
 
 BLOCK = 1024  # entries per iteration of a chunk's streaming loops
-ROW_BLOCK = 1024  # entries per iteration of a per-row search over candidates
+ROW_BLOCK = 256  # entries per iteration of a per-row search ([ROW_BLOCK, NB] tiles)
 MAX_TOP_LOGPROBS = 64
 STATES = PASSES + 1
 # per-row results: float32 columns and int32 columns
-M, Z, LSE_RAW, KEPT_MASS, TIE_SCALE, LOG_Z = range(6)
-GREEDY, FINITE, LOW, LOW_RAW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = range(13)
+M, Z, LSE_RAW, KEPT_MASS, LOG_Z = range(5)
+GREEDY, FINITE, LOW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = range(12)
 
 
 @triton.jit
@@ -112,7 +112,8 @@ def _init_search(si, sf, row, active, lo, hi, target, by_mass, tie_key, raw_src,
 @triton.jit
 def _setup_kernel(cf, ci, num_chunks, temp_ptr, top_k_ptr, raw_mode_ptr, rf, ri,
                   k_si, k_sf, l_si, l_sf, K: tl.constexpr, MAX_CHUNKS: tl.constexpr, STATES: tl.constexpr):
-    """The row's stats from its chunks'; the default (unfiltered) results; state 0 of the top-k and top-logprobs searches."""
+    """The row's stats from its chunks'; the default (unfiltered) results; state 0 of the top-k and
+    top-logprobs searches."""
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, MAX_CHUNKS)
     ok = chunks < num_chunks
@@ -134,19 +135,19 @@ def _setup_kernel(cf, ci, num_chunks, temp_ptr, top_k_ptr, raw_mode_ptr, rf, ri,
     matter = (temp != 0.0) | (~use_raw)  # the filters matter: sampled, or processed logprobs
     bottom = _key(tl.full((), float("-inf"), tl.float32))
     rfo, rio = rf + row * 8, ri + row * 16
-    tl.store(rfo + 0, m)
-    tl.store(rfo + 1, z)
-    tl.store(rfo + 2, lse_raw)
-    tl.store(rfo + 3, z)
-    tl.store(rio + 0, greedy)
-    tl.store(rio + 1, finite)
-    tl.store(rio + 2, low)
-    tl.store(rio + 4, bottom)
-    tl.store(rio + 5, finite * 0)
-    tl.store(rio + 6, finite)
-    tl.store(rio + 7, finite * 0 - 1)
-    tl.store(rio + 8, finite * 0)
-    tl.store(rio + 9, matter.to(tl.int32))
+    tl.store(rfo + M, m)
+    tl.store(rfo + Z, z)
+    tl.store(rfo + LSE_RAW, lse_raw)
+    tl.store(rfo + KEPT_MASS, z)
+    tl.store(rio + GREEDY, greedy)
+    tl.store(rio + FINITE, finite)
+    tl.store(rio + LOW, low)
+    tl.store(rio + T, bottom)
+    tl.store(rio + TIES, finite * 0)
+    tl.store(rio + KEPT, finite)
+    tl.store(rio + CUTOFF, finite * 0 - 1)
+    tl.store(rio + ON_K, finite * 0)
+    tl.store(rio + MATTER, matter.to(tl.int32))
     top_k = tl.load(top_k_ptr + row)
     _init_search(k_si, k_sf, row, (matter & (top_k < finite)).to(tl.int32), low, _key(m), top_k.to(tl.float32), 0,
                  bottom, 0, 1.0, m, STATES)
@@ -309,8 +310,8 @@ def _pick_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, min_p_ptr
     divisor = tl.where(temp == 0.0, 1.0, temp)
     log_z, count, _ = _log_norm(rf, ri, mp, min_p_ptr, row, num_chunks, MAX_CHUNKS)
     chunks = tl.arange(0, MAX_CHUNKS)
-    values = tl.load(gb + row * num_chunks + chunks, mask=(chunks < num_chunks) & (tl.full([MAX_CHUNKS], 0.0, tl.float32) != temp),
-                     other=float("-inf"))
+    sampled_row = tl.full([MAX_CHUNKS], 0.0, tl.float32) != temp  # (a tensor: the interpreter's & needs one)
+    values = tl.load(gb + row * num_chunks + chunks, mask=(chunks < num_chunks) & sampled_row, other=float("-inf"))
     winner = tl.argmax(values, axis=0)
     sampled = tl.load(gi + row * num_chunks + winner, mask=temp != 0.0, other=0)
     token = tl.where(temp == 0.0, tl.load(ri + row * 16 + GREEDY), sampled).to(tl.int64)
