@@ -104,8 +104,8 @@ def _init_search(si, sf, row, active, lo, hi, target, by_mass, tie_key, raw_src,
     tl.store(base_i + 6, lo * 0 + raw_src)
     tl.store(base_i + 7, lo * 0)
     tl.store(base_f, m * 0.0)
-    tl.store(base_f + 1, target)
-    tl.store(base_f + 2, tie_scale)
+    tl.store(base_f + 1, m * 0.0 + target)  # (scalars may be Python numbers: stored as tensors)
+    tl.store(base_f + 2, m * 0.0 + tie_scale)
     tl.store(base_f + 3, m)
 
 
@@ -184,7 +184,7 @@ def _topk_done_kernel(work_ptr, stride_work, vocab, temp_ptr, top_p_ptr, rf, ri,
         tl.store(rio + T, t)
         tl.store(rio + TIES, ties)
         tl.store(rio + KEPT, kept)
-        tl.store(rio + ON_K, 1)
+        tl.store(rio + ON_K, t * 0 + 1)
         tl.store(rio + CUTOFF, nth_at(work, vocab, divisor, cand_s, cand_id, k_si, row, t, ties, STATES, CAP, BLOCK))
     top_p = tl.load(top_p_ptr + row)
     _init_search(p_si, p_sf, row, ((tl.load(rio + MATTER) != 0) & (top_p < 1.0)).to(tl.int32),
