@@ -95,7 +95,8 @@ def through_server(args, prompts, params, settings: dict) -> dict:
                "--device", settings["device"], "--dtype", settings["dtype"], "--log-level", "warning",
                "--engine-args", json.dumps(engine_args)]
     root = str(Path(__file__).resolve().parent.parent)
-    server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=root))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))  # this checkout, and what it needs
+    server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=path))
     url = f"http://127.0.0.1:{port}"
 
     async def run():
