@@ -92,7 +92,7 @@ def through_server(args, prompts, params, settings: dict) -> dict:
     port = free_port()
     engine_args = {k: v for k, v in settings.items() if k not in ("device", "dtype", "seed")}
     command = [sys.executable, "-m", "rollout.cli", "serve", "--model", args.checkpoint, "--port", str(port),
-               "--device", settings["device"], "--dtype", settings["dtype"], "--log-level", "warning",
+               "--device", settings["device"], "--dtype", settings["dtype"], "--log-level", "info",
                "--engine-args", json.dumps(engine_args)]
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))  # this checkout, and what it needs
