@@ -20,7 +20,7 @@ MAX_TEMPERATURE = 1e30
 
 def is_integer(value) -> bool:
     """An int or numpy integer; bools (and floats, strings) are not."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def _integer(value):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from rollout.outputs import Sample
 from rollout.serve.app import state
@@ -29,7 +31,8 @@ async def generate(body: GenerateRequest, request: Request):
         return StreamingResponse(_events(rid, streams), media_type="text/event-stream")
     (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     samples = [_sample(rid, j, sample) for j, sample in enumerate(output.samples)]
-    return samples[0] if len(samples) == 1 else samples
+    content = samples[0] if len(samples) == 1 else samples
+    return Response(json.dumps(content, allow_nan=False), media_type="application/json")  # no jsonable_encoder walk
 
 
 def _sample(rid: str, index: int, sample: Sample) -> dict:
