@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from rollout.sampling_params import Int
 
 
+def encode_routed_experts(rows: np.ndarray) -> dict:
+    """JSON form of routed experts: {"shape": [tokens, layers, top_k], "dtype": "int16", "data": base64 of the
+    little-endian int16 bytes}; `np.frombuffer(base64.b64decode(d["data"]), "<i2").reshape(d["shape"])`."""
+    return {"shape": list(rows.shape), "dtype": "int16", "data": base64.b64encode(rows.astype("<i2").tobytes()).decode()}
+
+
 def _routed_rows(value) -> np.ndarray:
-    """Expert ids as an int16 array [tokens, MoE layers, top_k] (from an array or nested lists of integers)."""
+    """Expert ids as an int16 array [tokens, MoE layers, top_k]: from an array, nested lists of integers, or the
+    JSON form of `encode_routed_experts`."""
+    if isinstance(value, dict):
+        try:
+            value = np.frombuffer(base64.b64decode(value["data"], validate=True), "<i2").reshape(value["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"routed_experts as a dict must be {{'shape': [tokens, layers, top_k], 'dtype': "
+                             f"'int16', 'data': base64 of little-endian int16}}: {exc}") from None
     rows = np.asarray(value)
     if rows.ndim != 3 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
         raise ValueError(f"routed_experts must be integer expert ids [tokens, MoE layers, top_k], got "
@@ -21,7 +35,8 @@ def _routed_rows(value) -> np.ndarray:
     return rows.astype(np.int16, copy=False)
 
 
-RoutedExperts = Annotated[np.ndarray, PlainValidator(_routed_rows)]
+RoutedExperts = Annotated[np.ndarray, PlainValidator(_routed_rows), WithJsonSchema({
+    "description": "int16 expert ids [tokens, MoE layers, top_k]: nested lists, or {shape, dtype, data (base64)}"})]
 ROUTED_EXPERTS_DOC = (
     "Mixture-of-experts models, with return_routed_experts: int16 [tokens, MoE layers, top_k], the experts (global "
     "ids, by descending routing weight) each token was routed to when it went through the model, for the prompt and "

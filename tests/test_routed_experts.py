@@ -176,3 +176,38 @@ def test_routed_experts_from_cuda_graphs_and_rounds(checkpoint_dir, reference):
     outs = engine.generate(batch, ROUTES.model_copy(update={"max_tokens": 20}), use_tqdm=False)
     for prompt, out in zip(batch, outs):
         assert_routes(reference, "qwen3-moe", prompt, out.samples[0])
+
+
+def test_generate_route_returns_routed_experts(checkpoint_dir, reference):
+    """`POST /generate` with return_routed_experts: base64 int16 rows, whole or streamed, equal the engine's; a
+    partial sample may carry them back in the same form."""
+    import base64
+    import json
+
+    import httpx
+    from serve_helpers import LiveServer
+
+    def decode(d):
+        return np.frombuffer(base64.b64decode(d["data"]), "<i2").reshape(d["shape"])
+
+    server = LiveServer(AsyncRolloutEngine(model=str(checkpoint_dir("qwen3-moe")), **CPU, num_kv_blocks=64))
+    try:
+        prompt = prompts(1, seed=8)[0]
+        params = dict(max_tokens=6, seed=2, ignore_eos=True, return_routed_experts=True)
+        body = {"input_ids": prompt, "sampling_params": params}
+        got = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+        rows = decode(got["routed_experts"])
+        np.testing.assert_array_equal(rows, reference("qwen3-moe", prompt + got["output_ids"][:-1]))
+        with httpx.stream("POST", f"{server.url}/generate", json={**body, "stream": True}, timeout=60) as r:
+            lines = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        streamed = [decode(json.loads(line)["routed_experts"]) for line in lines[:-1]]
+        np.testing.assert_array_equal(np.concatenate(streamed), rows)
+        partial = {"token_ids": got["output_ids"][:3], "routed_experts": {**got["routed_experts"], "data": base64.b64encode(
+            rows[: len(prompt) + 2].astype("<i2").tobytes()).decode(), "shape": [len(prompt) + 2, 2, 2]}}
+        cont = httpx.post(f"{server.url}/generate", json={**body, "partial": partial}, timeout=60).json()
+        assert cont["output_ids"][:3] == got["output_ids"][:3]
+        np.testing.assert_array_equal(decode(cont["routed_experts"]),
+                                      reference("qwen3-moe", prompt + cont["output_ids"][:-1]))
+        assert httpx.get(f"{server.url}/openapi.json", timeout=60).status_code == 200
+    finally:
+        server.stop()
