@@ -73,12 +73,14 @@ class ModelRunner:
             self._recording(len(input_ids))
         self.backend.prepare(meta, self.block_size)
         hidden = self.model(input_ids, positions, ForwardContext(self.backend, meta, self.kv_caches))
-        rows = self.routes[: len(input_ids)].to("cpu", copy=True).numpy() if routes else None
         infos = [c.sampling for c in chunks if c.sampling is not None]
-        if not infos:
-            return StepOutput([], [], [], rows)
-        logits = self.model.compute_logits(hidden[logits_rows])
-        return replace(_to_step_output(sample(logits, self._sampling_tensors(infos)), infos), routed_experts=rows)
+        out = StepOutput([], [], [])
+        if infos:
+            logits = self.model.compute_logits(hidden[logits_rows])
+            out = _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        if routes:  # after the sampler's copy: one wait for the device
+            out.routed_experts = self.routes[: len(input_ids)].to("cpu", copy=True).numpy()
+        return out
 
     def _recording(self, num_tokens: int) -> torch.Tensor:
         """The routed-experts recording buffer, grown to `num_tokens` rows (the model writes every forward's
