@@ -6,7 +6,7 @@ import base64
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from rollout.sampling_params import Int
 
@@ -35,8 +35,12 @@ def _routed_rows(value) -> np.ndarray:
     return rows.astype(np.int16, copy=False)
 
 
-RoutedExperts = Annotated[np.ndarray, PlainValidator(_routed_rows), WithJsonSchema({
-    "description": "int16 expert ids [tokens, MoE layers, top_k]: nested lists, or {shape, dtype, data (base64)}"})]
+# an int16 numpy array in Python; nested lists in model_dump / JSON (the CLI's output)
+RoutedExperts = Annotated[
+    np.ndarray, PlainValidator(_routed_rows), PlainSerializer(lambda rows: rows.tolist()),
+    WithJsonSchema({"description": "int16 expert ids [tokens, MoE layers, top_k]: nested lists, or "
+                                   "{shape, dtype, data (base64 of little-endian int16)}"}),
+]
 ROUTED_EXPERTS_DOC = (
     "Mixture-of-experts models, with return_routed_experts: int16 [tokens, MoE layers, top_k], the experts (global "
     "ids, by descending routing weight) each token was routed to when it went through the model, for the prompt and "
