@@ -21,6 +21,10 @@ median output tokens / s of each. `--device cpu` runs it on the CPU (e.g. a tiny
 Async API (issue 12): `--api async` runs the chosen workload through AsyncRolloutEngine (one
 concurrent `generate` per prompt) beside the synchronous `generate` in the same run, and the
 latency of --streams concurrent streams; see benchmarks/async_api.py.
+
+Routed experts (issue 16): `--routed-experts` runs the chosen workload on a MoE model without and with
+`return_routed_experts=True` on one engine in the same run (alternating, --repeats calls each) and prints
+the cost; see benchmarks/routed_experts.py.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from benchmarks.async_api import report_async
 from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.routed_experts import report_routed_experts
 from rollout import EngineConfig, RolloutEngine, SamplingParams
 
 
@@ -219,17 +224,20 @@ def main() -> None:
                         help="fixed: --prompts x (--input-len in, --output-len out); nanovllm: nano-vllm's bench; "
                              "grpo: --prompts x n=--n against the same samples as separate prompts")
     parser.add_argument("--n", type=int, default=16, help="samples per prompt (grpo)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each form (grpo)")
-    parser.add_argument("--device", default="cuda", help="grpo only: 'cpu' runs it without a GPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each form (grpo, routed experts)")
+    parser.add_argument("--device", default="cuda", help="grpo, async, routed experts: 'cpu' runs it without a GPU")
     parser.add_argument("--decode-steps", type=int, default=EngineConfig.model_fields["num_decode_steps"].default,
                         help="num_decode_steps of our engine")
     parser.add_argument("--skip-transformers", action="store_true", help="only our engine (e.g. for 8B)")
     parser.add_argument("--api", choices=["sync", "async"], default="sync",
                         help="async: the workload through AsyncRolloutEngine beside the synchronous call")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams timed for latency (async)")
+    parser.add_argument("--routed-experts", action="store_true",
+                        help="MoE models: the workload without and with return_routed_experts=True, alternating")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not args.device.startswith("cuda") and args.workload != "grpo" and args.api != "async":
+    if not args.device.startswith("cuda") and args.workload != "grpo" and args.api != "async" and \
+            not args.routed_experts:
         parser.error("--device applies to --workload grpo and --api async only (the others measure against the "
                      "GPU's roofline)")
     args.prompts = args.prompts or (64 if args.workload == "grpo" else 256)
@@ -242,6 +250,9 @@ def main() -> None:
     prompts, params, max_len = workload(args, vocab)
     if args.api == "async":
         report_async(args, prompts, params, max_len)
+        return
+    if args.routed_experts:
+        report_routed_experts(args, prompts, params, max_len)
         return
     bandwidth = copy_bandwidth()
     ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len, args.decode_steps)

@@ -7,6 +7,10 @@ the same prompt) shares them instead of recomputing. Freed blocks keep their
 hash and stay findable until they are handed out again (least recently freed
 first). With prefix caching off, only blocks still in use are shared, and the
 full prompt blocks of a finished sample while other samples of its prompt wait.
+
+Routed experts: a block completed by a sample that records them keeps a copy of its
+rows; a sample that records them matches only blocks that have rows (the rest of its
+prefix is recomputed), and takes the rows of the blocks it matched.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from rollout.sequence import Sequence
 
@@ -24,6 +30,7 @@ class Block:
     ref_count: int = 0
     hash: Optional[int] = None
     token_ids: tuple[int, ...] = ()
+    routes: Optional[np.ndarray] = None  # routed experts of its tokens [block_size, layers, top_k], if recorded
 
 
 def chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
@@ -53,7 +60,8 @@ class BlockManager:
             block_id = self.cached.get(prev)
             if block_id is None:
                 break
-            if self.blocks[block_id].token_ids != tokens:
+            block = self.blocks[block_id]
+            if block.token_ids != tokens or (seq.routes is not None and block.routes is None):
                 break
             hits.append(block_id)
         return hits
@@ -81,6 +89,9 @@ class BlockManager:
             seq.block_hashes = [self.blocks[b].hash for b in hits]
             seq.num_computed = len(hits) * self.block_size
             self.num_hit_blocks += len(hits)
+            if seq.routes is not None:
+                for i, block_id in enumerate(hits):
+                    seq.routes.put(i * self.block_size, self.blocks[block_id].routes)
         total = -(-(seq.num_computed + num_new) // self.block_size)
         while len(seq.block_table) < total:
             block_id = next(iter(self.free_ids))
@@ -104,6 +115,7 @@ class BlockManager:
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = h, tokens
+            block.routes = None if seq.routes is None else seq.routes.block(i, self.block_size)
             self.cached.setdefault(h, block.block_id)
 
     def free(self, seq: Sequence, keep_prompt: bool = False) -> None:
@@ -125,7 +137,7 @@ class BlockManager:
     def _forget(self, block: Block) -> None:
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:
             del self.cached[block.hash]
-        block.hash, block.token_ids = None, ()
+        block.hash, block.token_ids, block.routes = None, (), None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (after a weight change their KV is stale).
@@ -135,5 +147,5 @@ class BlockManager:
         """
         self.epoch += 1
         for block in self.blocks:
-            block.hash, block.token_ids = None, ()
+            block.hash, block.token_ids, block.routes = None, (), None
         self.cached.clear()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
+import numpy as np
+
 from rollout.block_manager import BlockManager
 from rollout.config import EngineConfig
+from rollout.routes import RoutedRows
 from rollout.sampling_params import SamplingParams
 from rollout.scheduler import ScheduledSeq, Scheduler, StepPlan
 from rollout.sequence import Sequence, Status
@@ -36,13 +39,15 @@ class Progress:
 @dataclass
 class Continuation:
     """An earlier partial sample to continue: its output tokens so far, their logprobs / top logprobs (when the
-    request asks for them) and weight versions, and the sample index its random numbers are keyed on."""
+    request asks for them) and weight versions, the sample index its random numbers are keyed on, and its routed
+    experts (when the request asks for them and the partial sample has them)."""
 
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float]]
     weight_versions: list[int]
     index: int
+    routed_experts: Optional[np.ndarray] = None
 
 
 class EngineCore:
@@ -85,9 +90,17 @@ class EngineCore:
                            max_output=len(done.token_ids) + params.max_tokens, logprobs=list(done.logprobs),
                            top_logprobs=list(done.top_logprobs), weight_versions=list(done.weight_versions))
             self._next_seq_id += 1
+            if params.return_routed_experts:
+                seq.routes = self._routed_rows(len(prompt) + len(done.token_ids))
+                if done.routed_experts is not None:
+                    seq.routes.give(done.routed_experts)
             self.scheduler.add(seq)
             seqs.append(seq)
         return seqs
+
+    def _routed_rows(self, num_tokens: int) -> RoutedRows:
+        blocks = self.worker.model.moe_blocks()
+        return RoutedRows(len(blocks), blocks[0].top_k, num_tokens + 64)
 
     def abort_request(self, seqs: Seq[Sequence]) -> list[Progress]:
         """End these sequences now with finish_reason "abort", keeping what they produced; returns those
@@ -143,20 +156,27 @@ class EngineCore:
     def _postprocess(self, launched: Launched) -> list[Progress]:
         """Take each sequence's new tokens (a round's up to its first stop; the rest are discarded)."""
         outputs = launched.round.outputs()
+        routes = launched.round.routed_experts()
         version = self.serving.version
-        progress, row = [], 0
+        progress, row, token = [], 0, 0
         for item in launched.plan.items:
-            seq, r = item.seq, row
+            seq, r, t = item.seq, row, token
             row += item.samples
+            token += item.num_new
             if seq.finished:  # aborted meanwhile, or stopped in the round before (this one ran for nothing)
                 continue
             if not item.samples:  # a prefill chunk before the prompt's last
+                if seq.routes is not None:
+                    seq.routes.put(seq.num_computed, routes[0, t : t + item.num_new])
                 seq.num_computed += item.num_new
                 self.block_manager.commit(seq)
                 continue
             start = seq.num_output
             taken = self.stops.take(seq, [o.token_ids[r] for o in outputs], [o.logprobs[r] for o in outputs],
                                     [o.top_logprobs[r] for o in outputs], version)
+            if seq.routes is not None:  # a round's steps compute one token each
+                rows = routes[:taken, t] if len(outputs) > 1 else routes[0, t : t + item.num_new]
+                seq.routes.put(seq.num_computed, rows)
             seq.num_computed += item.num_new + taken - 1
             self.block_manager.commit(seq)
             if seq.finish_reason is not None:
@@ -165,7 +185,8 @@ class EngineCore:
         return progress
 
     def _batch(self, plan: StepPlan) -> Batch:
-        return Batch([self._chunk(item) for item in plan.items], plan.num_steps)
+        routes = any(item.seq.routes is not None for item in plan.items)
+        return Batch([self._chunk(item) for item in plan.items], plan.num_steps, routes)
 
     def _chunk(self, item: ScheduledSeq) -> SeqChunk:
         seq = item.seq

@@ -21,6 +21,7 @@ from rollout.sampling_params import SamplingParams
 from rollout.validation import load_eos_token_ids, load_tokenizer
 from weight_sync import TransferInitInfo, UpdateInfo
 from worker.memory.report import MemoryReport
+from worker.models.registry import routed_experts_shape
 from worker.parallel import TensorParallelInit
 from worker.worker import Worker
 
@@ -71,7 +72,8 @@ class LocalEngine:
         self.vocab_size = int(self.worker.hf_config.vocab_size)
         eos = load_eos_token_ids(Path(config.model), self.worker.hf_config)
         self.core = EngineCore(config, self.worker, eos, self.tokenizer)
-        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed)
+        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed,
+                                  routed_experts_shape(self.worker.hf_config))
         self.loop = EngineLoop(self.core, self.tokenizer)
         self._update_lock = threading.Lock()  # one weight update at a time
 

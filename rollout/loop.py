@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from rollout.core import EngineCore, Launched, Progress
@@ -26,6 +28,16 @@ from worker.errors import EngineSleepingError
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepStats:
+    """Steps the loop ran and their wall time (a step that reads a decode round waits for it: the sum over steps
+    is the time spent generating). Written by the engine thread only; read anywhere as a snapshot."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    last_seconds: float = 0.0
+
+
 class EngineLoop:
     """Runs an `EngineCore` on its own thread; every method here may be called from any thread."""
 
@@ -34,6 +46,7 @@ class EngineLoop:
         self.worker = core.worker
         self.tokenizer = tokenizer
         self.paused = False
+        self.stats = StepStats()
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}  # every request not yet ended, by id
         self._held: deque[Request] = deque()  # waiting for a pause, a sleep or a "wait" job to end
@@ -125,6 +138,7 @@ class EngineLoop:
         return not self.paused and self.core.has_work() and not self.worker.pool.asleep()
 
     def _step(self, queued: Optional[Launched]) -> Optional[Launched]:
+        start = time.perf_counter()
         try:
             queued, progress = self.core.step(queued)
         except Exception as exc:  # noqa: BLE001 - handed to the requests it broke; the engine keeps serving
@@ -133,6 +147,8 @@ class EngineLoop:
             for rid in {seq.request_id for seq in dropped}:
                 self._end(rid).sink.failed(exc)
             return None
+        took = time.perf_counter() - start
+        self.stats.steps, self.stats.seconds, self.stats.last_seconds = self.stats.steps + 1, self.stats.seconds + took, took
         self._deliver(progress)
         return queued
 

@@ -23,6 +23,7 @@ from rollout.requests import RequestFront
 from rollout.validation import load_tokenizer
 from weight_sync import UpdateInfo, new_secret
 from worker.loader import load_config, named_tensors
+from worker.models.registry import routed_experts_shape
 from worker.updates import requested_version
 
 
@@ -64,7 +65,8 @@ class RayEngine:
         hf = load_config(Path(config.model))
         self.vocab_size = int(hf.vocab_size)
         self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)
-        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed)
+        self.front = RequestFront(self.tokenizer, self.vocab_size, self.max_model_len, config.seed,
+                                  routed_experts_shape(hf))
         self._lock = threading.Lock()
         self._load = [0] * self.dp
         # with tensor parallelism every rank must see a replica's calls in the same order: one at a time

@@ -50,21 +50,29 @@ class RequestFront:
 
     Every frontend (synchronous, asyncio, Ray) goes through one, so limits and
     messages are the same everywhere; a request's seed is its params' or one drawn
-    from the engine's seed.
+    from the engine's seed. `routed_experts`: (MoE layers, top_k, num_experts) of a
+    mixture-of-experts model (see `routed_experts_shape`), None for a dense one.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, seed: int):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, seed: int,
+                 routed_experts: Optional[tuple[int, int, int]] = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.routed_experts = routed_experts
         self._rng = random.Random(seed)
         self._next_id = 0
         self._lock = threading.Lock()
 
     def check(self, prompts, sampling_params, labels: Optional[list[str]] = None):
         """(token-id prompts, one SamplingParams per prompt), or InvalidRequestError naming what is wrong."""
-        return check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size, self.max_model_len,
-                              labels)
+        prompts, params = check_requests(prompts, sampling_params, self.tokenizer, self.vocab_size,
+                                         self.max_model_len, labels)
+        if self.routed_experts is None and any(p.return_routed_experts for p in params):
+            raise InvalidRequestError("return_routed_experts=True needs a mixture-of-experts model (Qwen3MoeForCausalLM"
+                                      ", Qwen2MoeForCausalLM); this checkpoint's model is dense: it routes no "
+                                      "tokens to experts")
+        return prompts, params
 
     def seed(self, params: SamplingParams) -> int:
         if params.seed is not None:
@@ -109,9 +117,20 @@ class RequestFront:
             raise InvalidRequestError("logprobs=True: the partial sample must carry the logprobs of its tokens")
         if params.top_logprobs and partial.top_logprobs is None:
             raise InvalidRequestError("top_logprobs > 0: the partial sample must carry its top_logprobs")
+        routes = partial.routed_experts if params.return_routed_experts else None
+        if routes is not None:
+            self._check_routes(routes, len(prompt) + len(tokens) - 1 if tokens else 0)
         return Continuation(list(tokens), list(partial.logprobs or []) if params.logprobs else [],
                             list(partial.top_logprobs or []) if params.top_logprobs else [], list(versions),
-                            partial.index)
+                            partial.index, routes)
+
+    def _check_routes(self, routes, rows: int) -> None:
+        layers, top_k, experts = self.routed_experts
+        if tuple(routes.shape) != (rows, layers, top_k):
+            raise InvalidRequestError(f"partial routed_experts must be [prompt + token_ids[:-1] = {rows}, {layers}, "
+                                      f"{top_k}] (a Sample's routed_experts), got {list(routes.shape)}")
+        if routes.size and routes.max() >= experts:
+            raise InvalidRequestError(f"partial routed_experts holds expert ids outside 0..{experts - 1}")
 
 
 def sample_delta(seq: Sequence, start: int) -> SampleDelta:
@@ -121,7 +140,8 @@ def sample_delta(seq: Sequence, start: int) -> SampleDelta:
         request_id=seq.request_id, index=seq.index, token_ids=seq.token_ids[begin:],
         logprobs=seq.logprobs[start:] if p.logprobs else None,
         top_logprobs=seq.top_logprobs[start:] if p.top_logprobs else None,
-        weight_versions=seq.weight_versions[start:], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+        weight_versions=seq.weight_versions[start:], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        routed_experts=None if seq.routes is None else seq.routes.span(seq.prompt_len, start, seq.num_output))
 
 
 def rollout_output(request: Request, tokenizer, serving_version: int) -> RolloutOutput:
@@ -144,4 +164,5 @@ def _sample(seq: Sequence, tokenizer, serving_version: int) -> Sample:
         weight_version=versions[0] if versions else serving_version,
         token_weight_versions=versions,
         text=text,
+        routed_experts=None if seq.routes is None else seq.routes.span(seq.prompt_len, 0, seq.num_output),
     )

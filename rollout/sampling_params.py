@@ -20,7 +20,7 @@ MAX_TEMPERATURE = 1e30
 
 def is_integer(value) -> bool:
     """An int or numpy integer; bools (and floats, strings) are not."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def _integer(value):
@@ -72,6 +72,10 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(False, description="Return the logprob of every sampled token.")
     logprobs_mode: Literal["processed", "raw"] = Field("processed", description="Distribution the logprobs are of.")
     top_logprobs: Int = Field(0, ge=0, le=64, description="Also return this many most likely (token, logprob) pairs.")
+    return_routed_experts: bool = Field(
+        False, description="Mixture-of-experts models: return `Sample.routed_experts`, the experts each token of "
+        "prompt + output[:-1] was routed to in every MoE layer (see README, Mixture of experts)."
+    )
 
     @field_validator("temperature")
     @classmethod

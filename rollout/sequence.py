@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rollout.routes import RoutedRows
 from rollout.sampling_params import SamplingParams
 
 
@@ -23,6 +24,7 @@ class Sequence:
     `index` is the sample's position in its request. A sample that continues an earlier
     partial one starts with that sample's tokens, logprobs and versions as output;
     `max_output` is the output length it may reach (those tokens + max_tokens).
+    `routes` holds its routed experts when the request asks for them.
     """
 
     seq_id: int
@@ -45,6 +47,7 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
     text: Optional[str] = None
+    routes: Optional[RoutedRows] = None  # with return_routed_experts (see rollout/routes.py)
 
     @property
     def num_tokens(self) -> int:

@@ -155,3 +155,34 @@ def test_async_replicas_stream_like_one_process_abort_and_update(checkpoint_dir)
         asyncio.run(main())
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_routed_experts_through_ray_actors(checkpoint_dir):
+    """return_routed_experts over the Ray executors: tensor-parallel ranks (rank 0's outputs) and an async replica's
+    stream deltas give the rows of one process."""
+    import asyncio
+
+    from rollout import AsyncRolloutEngine
+
+    path = str(checkpoint_dir("qwen3-moe"))
+    params = SEEDED.model_copy(update={"return_routed_experts": True})
+    expected = RolloutEngine(model=path, **CONFIG).generate(PROMPTS, params, use_tqdm=False)
+    engine = RolloutEngine(model=path, executor="ray", tensor_parallel_size=2, **CONFIG)
+    try:
+        got = engine.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        engine.shutdown()
+    for g, w in zip(got, expected):
+        for gs, ws in zip(g.samples, w.samples):
+            assert gs.token_ids == ws.token_ids and np.array_equal(gs.routed_experts, ws.routed_experts)
+    engine = AsyncRolloutEngine(model=path, executor="ray", **CONFIG)
+
+    async def main():
+        rows: dict[int, list[np.ndarray]] = {}
+        async for delta in engine.generate_stream(PROMPTS[0], params):
+            rows.setdefault(delta.index, []).append(delta.routed_experts)
+        await engine.shutdown()
+        return rows
+
+    for j, parts in asyncio.run(main()).items():
+        np.testing.assert_array_equal(np.concatenate(parts), expected[0].samples[j].routed_experts)

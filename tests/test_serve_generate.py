@@ -164,6 +164,8 @@ def test_metrics(live):
     assert after["rollout_requests_total"] - before["rollout_requests_total"] == 2
     assert after["rollout_kv_blocks_total"] == CONFIG["num_kv_blocks"] and after["rollout_requests_running"] == 0
     assert after["rollout_sleeping"] == 0 and after["rollout_weight_version"] >= 0
+    assert after["rollout_step_seconds_count"] - before["rollout_step_seconds_count"] >= 4  # 2 requests x >= 2 steps
+    assert after["rollout_step_seconds_sum"] > before["rollout_step_seconds_sum"] and after["rollout_last_step_seconds"] > 0
     assert post(live, "/sleep", {"level": 1}).status_code == 200
     assert metrics(live)["rollout_sleeping"] == 1
     assert post(live, "/wake_up", {"tags": ["weights"]}).status_code == 200

@@ -13,6 +13,7 @@ own activations, kept in one private memory pool shared by all sizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,6 +55,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int64, device=device)
         self.pool = None
         self.graphs: dict[int, _Graph] = {}
+        self.routes: Optional[torch.Tensor] = None  # a MoE model's routed-experts recording buffer (set to capture)
 
     def field(self, name: str) -> torch.Tensor:
         return self.ints[INT_FIELDS.index(name)]
@@ -124,32 +126,37 @@ class DecodeGraphs:
         return next(size for size in sorted(self.graphs) if size >= num_seqs)
 
     def replay(self, ints: list[list[int]], temperature: list[float], tables: list[list[int]],
-               num_steps: int = 1) -> tuple[SamplerOutput, torch.Tensor]:
+               num_steps: int = 1, routes: Optional[list[torch.Tensor]] = None) -> tuple[SamplerOutput, torch.Tensor]:
         """Run `num_steps` decode steps for len(temperature) sequences, each step feeding the next.
 
         `ints` holds one list per name in INT_FIELDS; `tables` the block table of each sequence (with blocks
-        for every step). Returns the sampler outputs stacked [num_steps, B] and the last step's logits.
+        for every step). Returns the sampler outputs stacked [num_steps, B] and the last step's logits; with
+        `routes` (a list), each step's routed experts [B, MoE layers, top_k] are appended to it (device copies).
         """
         size = self.size_for(len(temperature))
         self._load(ints, temperature, tables, size)
-        return self._replay(len(temperature), size, num_steps)
+        return self._replay(len(temperature), size, num_steps, routes)
 
-    def resume(self, tables: list[list[int]], num_steps: int) -> tuple[SamplerOutput, torch.Tensor]:
+    def resume(self, tables: list[list[int]], num_steps: int,
+               routes: Optional[list[torch.Tensor]] = None) -> tuple[SamplerOutput, torch.Tensor]:
         """Run `num_steps` more steps of the last batch from where its last step left the inputs, with the
         sequences' block tables (grown for the new steps). Queued behind the earlier steps, not waiting for them."""
         num = len(tables)
         width = max(len(t) for t in tables)
         rows = torch.tensor([t + [0] * (width - len(t)) for t in tables]).pin_memory()  # freed after the copy ran
         self.block_tables[:num, :width].copy_(rows, non_blocking=True)
-        return self._replay(num, self.size_for(num), num_steps)
+        return self._replay(num, self.size_for(num), num_steps, routes)
 
-    def _replay(self, num: int, size: int, num_steps: int) -> tuple[SamplerOutput, torch.Tensor]:
+    def _replay(self, num: int, size: int, num_steps: int,
+                routes: Optional[list[torch.Tensor]]) -> tuple[SamplerOutput, torch.Tensor]:
         entry = self.graphs[size]
         tokens, logprobs = [], []
         for _ in range(num_steps):
             entry.graph.replay()
             tokens.append(entry.out.token_ids[:num].clone())
             logprobs.append(entry.out.logprobs[:num].clone())
+            if routes is not None:
+                routes.append(self.routes[:num].clone())
         empty = entry.out.top_ids[:num, None].expand(num, num_steps, 0)
         out = SamplerOutput(torch.stack(tokens), torch.stack(logprobs), empty, empty.float())
         return out, entry.logits[:num]

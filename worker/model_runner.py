@@ -25,10 +25,15 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.device = kv_caches[0].device
         self.graphs: Optional[DecodeGraphs] = None
+        self.moe = bool(model.moe_blocks())
+        self.routes: Optional[torch.Tensor] = None  # the MoE model's routed-experts recording buffer, once needed
 
     def capture_graphs(self, max_batch: int, max_blocks: int) -> None:
-        """Capture CUDA graphs of decode steps up to `max_batch` sequences (CUDA with the Triton backend)."""
+        """Capture CUDA graphs of decode steps up to `max_batch` sequences (CUDA with the Triton backend); a MoE
+        model's graphs record routed experts into a buffer of their own."""
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.block_size, max_batch, max_blocks)
+        if self.moe:
+            self.graphs.routes = self._recording(max_batch)
         self.graphs.capture()
 
     @torch.inference_mode()
@@ -39,39 +44,56 @@ class ModelRunner:
                 len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
             infos = [c.sampling for c in chunks]
             if batch.num_steps == 1 or _plain(infos):
-                return self._launch_graph(chunks, infos, batch.num_steps)
-        return self._run_eager(chunks, batch.num_steps)
+                return self._launch_graph(chunks, infos, batch.num_steps, batch.routed_experts)
+        return self._run_eager(chunks, batch.num_steps, batch.routed_experts)
 
     @torch.inference_mode()
     def resume(self, previous: Round, num_steps: int, tables: list[list[int]]) -> Round:
         """Run `num_steps` more decode steps of a round's sequences (plain sampling), queued behind it; `tables`
         are their block tables, grown for the new steps."""
         if previous.advanced_on_device:
-            out, _ = self.graphs.resume(tables, num_steps)
-            return Round.started(out, num_steps)
+            routes = [] if previous.with_routes else None
+            out, _ = self.graphs.resume(tables, num_steps, routes)
+            return Round.started(out, num_steps, None if routes is None else torch.stack(routes))
         last = previous.outputs()[-1].token_ids
         chunks = [replace(_advance(c, token), block_table=table)
                   for c, token, table in zip(previous.chunks, last, tables)]
-        return self._run_eager(chunks, num_steps)
+        return self._run_eager(chunks, num_steps, previous.with_routes)
 
-    def _run_eager(self, chunks: list[SeqChunk], num_steps: int) -> Round:
-        outputs = [self._execute_eager(chunks)]
+    def _run_eager(self, chunks: list[SeqChunk], num_steps: int, routes: bool) -> Round:
+        outputs = [self._execute_eager(chunks, routes)]
         for _ in range(num_steps - 1):
             chunks = [_advance(c, token) for c, token in zip(chunks, outputs[-1].token_ids)]
-            outputs.append(self._execute_eager(chunks))
-        return Round(num_steps, chunks=chunks, ready=outputs)
+            outputs.append(self._execute_eager(chunks, routes))
+        return Round(num_steps, chunks=chunks, ready=outputs, with_routes=routes)
 
-    def _execute_eager(self, chunks: list[SeqChunk]) -> StepOutput:
+    def _execute_eager(self, chunks: list[SeqChunk], routes: bool = False) -> StepOutput:
         input_ids, positions, meta, logits_rows = self._prepare(chunks)
+        if routes or self.routes is not None:  # once recording, every forward needs its rows
+            self._recording(len(input_ids))
         self.backend.prepare(meta, self.block_size)
         hidden = self.model(input_ids, positions, ForwardContext(self.backend, meta, self.kv_caches))
         infos = [c.sampling for c in chunks if c.sampling is not None]
-        if not infos:
-            return StepOutput([], [], [])
-        logits = self.model.compute_logits(hidden[logits_rows])
-        return _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        out = StepOutput([], [], [])
+        if infos:
+            logits = self.model.compute_logits(hidden[logits_rows])
+            out = _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        if routes:  # after the sampler's copy: one wait for the device
+            out.routed_experts = self.routes[: len(input_ids)].to("cpu", copy=True).numpy()
+        return out
 
-    def _launch_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int) -> Round:
+    def _recording(self, num_tokens: int) -> torch.Tensor:
+        """The routed-experts recording buffer, grown to `num_tokens` rows (the model writes every forward's
+        routings into it from then on; CUDA graphs keep the buffer they were captured with)."""
+        if self.routes is None or self.routes.shape[0] < num_tokens:
+            blocks = self.model.moe_blocks()
+            rows = max(num_tokens, 2 * self.routes.shape[0] if self.routes is not None else 0)
+            self.routes = torch.zeros(rows, len(blocks), blocks[0].top_k, dtype=torch.int16, device=self.device)
+            self.model.record_routed_experts(self.routes)
+        return self.routes
+
+    def _launch_graph(self, chunks: list[SeqChunk], infos: list[SamplingInfo], num_steps: int,
+                      with_routes: bool) -> Round:
         bs = self.block_size
         ints = [
             [c.token_ids[0] for c in chunks],
@@ -82,12 +104,15 @@ class ModelRunner:
             [i.step for i in infos],
             [int(i.logprobs_mode == "raw") for i in infos],
         ]
+        routes = [] if with_routes else None
         out, logits = self.graphs.replay(ints, [i.temperature for i in infos], [c.block_table for c in chunks],
-                                         num_steps)
+                                         num_steps, routes)
         if not _plain(infos):
-            single = torch_sample(logits, self._sampling_tensors(infos))
-            return Round(1, ready=[_to_step_output(single, infos)])
-        return Round.started(out, num_steps)
+            single = _to_step_output(torch_sample(logits, self._sampling_tensors(infos)), infos)
+            if with_routes:
+                single.routed_experts = routes[0].cpu().numpy()
+            return Round(1, ready=[single], with_routes=with_routes)
+        return Round.started(out, num_steps, None if routes is None else torch.stack(routes))
 
     def _prepare(self, chunks: list[SeqChunk]):
         tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []

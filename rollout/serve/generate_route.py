@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+import json
 
-from rollout.outputs import Sample
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from rollout.outputs import Sample, encode_routed_experts
 from rollout.serve.app import state
 from rollout.serve.errors import error_body, status_of
 from rollout.serve.protocol import GenerateRequest
@@ -19,7 +21,8 @@ async def generate(body: GenerateRequest, request: Request):
     """Sample `sampling_params.n` completions of `input_ids`. Not streamed: one object per sample (a list when
     n > 1) with `output_ids`, `output_logprobs`, per-token `weight_versions`, `finish_reason`; with `partial`,
     the output holds the earlier tokens followed by the new ones. Streamed: one event per delta (new tokens
-    only), then [DONE]."""
+    only), then [DONE]. With `sampling_params.return_routed_experts`, each object and event also has
+    `routed_experts` ({"shape", "dtype": "int16", "data": base64}, see `encode_routed_experts`)."""
     s = state(request)
     rid = body.rid or s.new_id("gen")
     job = Job(body.input_ids, body.sampling_params, rid, rid, body.partial)
@@ -29,14 +32,19 @@ async def generate(body: GenerateRequest, request: Request):
         return StreamingResponse(_events(rid, streams), media_type="text/event-stream")
     (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     samples = [_sample(rid, j, sample) for j, sample in enumerate(output.samples)]
-    return samples[0] if len(samples) == 1 else samples
+    content = samples[0] if len(samples) == 1 else samples
+    return Response(json.dumps(content, allow_nan=False), media_type="application/json")  # no jsonable_encoder walk
 
 
 def _sample(rid: str, index: int, sample: Sample) -> dict:
     return {"rid": rid, "index": index, "output_ids": sample.token_ids, "output_logprobs": _lps(sample.logprobs),
             "output_top_logprobs": _tops(sample.top_logprobs), "weight_versions": sample.token_weight_versions,
             "weight_version": sample.weight_version, "finish_reason": sample.finish_reason,
-            "stop_reason": sample.stop_reason, "text": sample.text}
+            "stop_reason": sample.stop_reason, "text": sample.text, **_routes(sample.routed_experts)}
+
+
+def _routes(rows) -> dict:
+    return {} if rows is None else {"routed_experts": encode_routed_experts(rows)}
 
 
 def _lps(logprobs):
@@ -53,7 +61,7 @@ async def _events(rid: str, streams: MergedStreams):
             yield sse({"rid": rid, "index": delta.index, "output_ids": delta.token_ids,
                        "output_logprobs": _lps(delta.logprobs), "output_top_logprobs": _tops(delta.top_logprobs),
                        "weight_versions": delta.weight_versions, "finish_reason": delta.finish_reason,
-                       "stop_reason": delta.stop_reason})
+                       "stop_reason": delta.stop_reason, **_routes(delta.routed_experts)})
     except Exception as exc:  # the response has started: the error goes in the stream
         yield sse(error_body(status_of(exc) or 500, " ".join(str(exc).split())))
     yield sse("[DONE]")

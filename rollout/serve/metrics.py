@@ -1,4 +1,5 @@
-"""`GET /metrics` in Prometheus' text format: requests, KV blocks, generated tokens, weight version, sleep."""
+"""`GET /metrics` in Prometheus' text format: requests, KV blocks, generated tokens, step time, weight version,
+sleep."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ async def metrics(request: Request):
         add("requests_waiting", "gauge", "Samples waiting for a slot or KV blocks.", len(core.scheduler.waiting))
         add("kv_blocks_total", "gauge", "KV cache blocks.", len(blocks.blocks))
         add("kv_blocks_used", "gauge", "KV cache blocks held by samples.", len(blocks.blocks) - blocks.num_free)
+        stats = s.engine.engine.loop.stats
+        lines.extend(["# HELP rollout_step_seconds Wall time of the engine's steps (a step reading a decode round "
+                      "of several device steps counts once).", "# TYPE rollout_step_seconds summary",
+                      f"rollout_step_seconds_sum {stats.seconds}", f"rollout_step_seconds_count {stats.steps}"])
+        add("last_step_seconds", "gauge", "Wall time of the engine's latest step.", stats.last_seconds)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 

@@ -59,8 +59,10 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name
         raise ValueError(f"refusing to serve on {host} (not a loopback address) without --api-key; give a key, "
                          f"or --allow-unauthenticated to serve anyone who can reach the port")
     app = build_app(engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes)
+    # Keep idle connections 60 s (uvicorn's 5 s races with clients' pooled connections: a request sent as the
+    # server closes its idle connection is lost with a ReadError; RL harnesses keep pools of hundreds)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, timeout_keep_alive=60)
     return EngineServer(config, engine)
 
 

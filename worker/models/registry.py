@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from worker.errors import UnsupportedArchitectureError
 from worker.models.llama import ArchOptions, CausalLM
+from worker.models.moe import is_sparse_layer
 from worker.parallel import TensorParallel
 
 
@@ -49,3 +52,12 @@ def build_model(config, max_positions: int, tp: TensorParallel = TensorParallel(
     raise UnsupportedArchitectureError(
         f"checkpoint architectures {names or 'not set'} are not supported; supported: {', '.join(ARCHITECTURES)}"
     )
+
+
+def routed_experts_shape(config) -> Optional[tuple[int, int, int]]:
+    """(MoE layers, top_k, num_experts) of a mixture-of-experts checkpoint's config; None for a dense model."""
+    names = [n for n in getattr(config, "architectures", None) or [] if n in ARCHITECTURES]
+    if not names or not ARCHITECTURES[names[0]](config).moe:
+        return None
+    layers = sum(is_sparse_layer(config, i) for i in range(config.num_hidden_layers))
+    return (layers, config.num_experts_per_tok, config.num_experts) if layers else None
