@@ -16,7 +16,7 @@ from rollout.sequence import Sequence, Status
 from rollout.serving import ServingWeights
 from rollout.stopping import StopRules
 from worker.sampler import sample_seed
-from worker.steps import Batch, Round, SamplingInfo, SeqChunk
+from worker.steps import Batch, PenaltyInfo, Round, SamplingInfo, SeqChunk
 from worker.worker import Worker
 
 
@@ -200,5 +200,16 @@ class EngineCore:
                 logprobs_mode=p.logprobs_mode if (p.logprobs or p.top_logprobs) else None,
                 top_logprobs=p.top_logprobs,
                 banned_token_ids=sorted(self.stops.stop_ids(p)) if seq.num_output < p.min_tokens else [],
+                min_tokens=p.min_tokens,
+                penalties=_penalties(seq),
             )
         return chunk
+
+
+def _penalties(seq: Sequence) -> Optional[PenaltyInfo]:
+    """The sequence's penalties and the tokens they count (None when it has none)."""
+    p = seq.params
+    if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        return None
+    return PenaltyInfo(p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                       seq.token_ids[: seq.prompt_len], seq.token_ids[seq.prompt_len:])

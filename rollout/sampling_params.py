@@ -72,6 +72,15 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(False, description="Return the logprob of every sampled token.")
     logprobs_mode: Literal["processed", "raw"] = Field("processed", description="Distribution the logprobs are of.")
     top_logprobs: Int = Field(0, ge=0, le=64, description="Also return this many most likely (token, logprob) pairs.")
+    repetition_penalty: Float = Field(
+        1.0, gt=0.0, allow_inf_nan=False,
+        description="> 0; tokens of the prompt or the output so far have positive logits divided by it and negative "
+        "ones multiplied (1 = off; vLLM's definition, before temperature).")
+    presence_penalty: Float = Field(
+        0.0, ge=-2.0, le=2.0, description="-2 to 2: subtracted from the logit of every token already in the output.")
+    frequency_penalty: Float = Field(
+        0.0, ge=-2.0, le=2.0,
+        description="-2 to 2: times the number of occurrences in the output so far, subtracted from the logit.")
     return_routed_experts: bool = Field(
         False, description="Mixture-of-experts models: return `Sample.routed_experts`, the experts each token of "
         "prompt + output[:-1] was routed to in every MoE layer (see README, Mixture of experts)."

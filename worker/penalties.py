@@ -57,6 +57,25 @@ def penalty_tensors(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence
     return PenaltyTensors(*(v.to(device) for v in floats), counts.to(device), mask.to(device))
 
 
+def fill_penalty_state(output_counts: torch.Tensor, prompt_mask: torch.Tensor, prompts: Sequence[Sequence[int]],
+                       outputs: Sequence[Sequence[int]]) -> None:
+    """Set rows 0..len(prompts)-1 of the device state from token lists: one copy of the token ids to the device
+    and two scatters (no host sync); the rows' earlier contents are cleared."""
+    rows = len(prompts)
+    output_counts[:rows].zero_()
+    prompt_mask[:rows].zero_()
+    index = [[r, tok] for r, prompt in enumerate(prompts) for tok in prompt]
+    split = len(index)
+    index += [[r, tok] for r, output in enumerate(outputs) for tok in output]
+    if not index:
+        return
+    pairs = torch.tensor(index, dtype=torch.int64).to(output_counts.device, non_blocking=True)
+    prompt_mask.index_put_((pairs[:split, 0], pairs[:split, 1]),
+                           torch.ones(split, dtype=torch.bool, device=prompt_mask.device))
+    ones = torch.ones(len(index) - split, dtype=output_counts.dtype, device=output_counts.device)
+    output_counts.index_put_((pairs[split:, 0], pairs[split:, 1]), ones, accumulate=True)
+
+
 def record_tokens(output_counts: torch.Tensor, token_ids: torch.Tensor) -> None:
     """Count one sampled token per row ([S] int64) into output_counts [S, V] (no host sync, static shapes)."""
     ones = torch.ones(token_ids.shape[0], 1, dtype=output_counts.dtype, device=output_counts.device)
