@@ -161,7 +161,7 @@ class Scheduler:
             if seq.group in filling:
                 deferred.append(seq)
                 continue
-            hits = self.blocks.match_prefix(seq)
+            hits = [] if seq.scoring else self.blocks.match_prefix(seq)
             num_new = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
             if self.blocks.blocks_needed(seq, num_new, hits) > self.blocks.num_free:
                 self.waiting.appendleft(seq)

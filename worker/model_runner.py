@@ -12,6 +12,7 @@ from worker.cuda_graphs import DecodeGraphs, GraphInputs, Mode
 from worker.models.llama import CausalLM, ForwardContext
 from worker.penalties import PenaltyTensors, fill_penalty_state
 from worker.sampler import SamplerOutput, SamplingTensors, sample
+from worker.scoring import score_rows
 from worker.steps import Batch, Round, SamplingInfo, SeqChunk, StepOutput
 
 
@@ -42,7 +43,7 @@ class ModelRunner:
         """Start the batch's step(s) (decode rounds run several, each step's tokens feeding the next)."""
         chunks = batch.chunks
         if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
-                len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
+                len(c.token_ids) == 1 and c.sampling is not None and not c.score_targets for c in chunks):
             infos = [c.sampling for c in chunks]
             if self.graphs.fits(sum(len(i.banned_token_ids) for i in infos)):
                 return self._launch_graph(chunks, infos, batch.num_steps, batch.routed_experts)
@@ -80,9 +81,27 @@ class ModelRunner:
         if infos:
             logits = self.model.compute_logits(hidden[logits_rows])
             out = _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        if any(c.score_targets for c in chunks):
+            out.prompt_logprobs = self._score(chunks, hidden)
         if routes:  # after the sampler's copy: one wait for the device
             out.routed_experts = self.routes[: len(input_ids)].to("cpu", copy=True).numpy()
         return out
+
+    def _score(self, chunks: list[SeqChunk], hidden: torch.Tensor) -> dict:
+        """Prompt scores of the chunks with `score_targets` (their first rows), copied to the host."""
+        rows, targets, spans, start = [], [], {}, 0
+        for index, chunk in enumerate(chunks):
+            if chunk.score_targets:
+                spans[index] = (len(rows), len(chunk.score_targets), chunk.score_top)
+                rows.extend(range(start, start + len(chunk.score_targets)))
+                targets.extend(chunk.score_targets)
+            start += len(chunk.token_ids)
+        top = max(k for _, _, k in spans.values())
+        logprobs, ids, values = score_rows(self.model.compute_logits, hidden[self._tensor(rows)],
+                                           self._tensor(targets), top)
+        logprobs, ids, values = logprobs.tolist(), ids.tolist(), values.tolist()
+        return {index: (logprobs[r : r + n], [list(zip(ids[i][:k], values[i][:k])) for i in range(r, r + n)])
+                for index, (r, n, k) in spans.items()}
 
     def _recording(self, num_tokens: int) -> torch.Tensor:
         """The routed-experts recording buffer, grown to `num_tokens` rows (the model writes every forward's

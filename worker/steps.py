@@ -53,6 +53,8 @@ class SeqChunk:
     start_pos: int  # tokens of this sequence already in the cache
     block_table: list[int]
     sampling: Optional[SamplingInfo] = None  # set when this step produces the next token
+    score_targets: list[int] = field(default_factory=list)  # prompt scoring: the token after each of the first rows
+    score_top: int = 0  # and how many most likely tokens to list at each
 
 
 @dataclass
@@ -69,12 +71,15 @@ class Batch:
 @dataclass
 class StepOutput:
     """Per sampling chunk (in batch order): the new token, its logprob, its top logprobs (one per step run);
-    when asked for, the step's routed experts, int16 [tokens, MoE layers, top_k] in the batch's token order."""
+    when asked for, the step's routed experts, int16 [tokens, MoE layers, top_k] in the batch's token order, and
+    the scores of chunks with `score_targets`."""
 
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
     routed_experts: Optional[np.ndarray] = None
+    # prompt scoring: chunk index in the batch -> (raw logprob of each target, the top (token, logprob) pairs)
+    prompt_logprobs: dict[int, tuple[list[float], list[list[tuple[int, float]]]]] = field(default_factory=dict)
 
 
 class Round:

@@ -20,7 +20,9 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request):
     """Sample `sampling_params.n` completions of `input_ids`. Not streamed: one object per sample (a list when
     n > 1) with `output_ids`, `output_logprobs`, per-token `weight_versions`, `finish_reason`; with `partial`,
-    the output holds the earlier tokens followed by the new ones. Streamed: one event per delta (new tokens
+    the output holds the earlier tokens followed by the new ones. With `sampling_params.prompt_logprobs`, each
+    object also has `input_logprobs` (every input token after the first) and `input_top_logprobs` (not streamed;
+    `max_tokens: 0` scores without generating). Streamed: one event per delta (new tokens
     only), then [DONE]. With `sampling_params.return_routed_experts`, each object and event also has
     `routed_experts` ({"shape", "dtype": "int16", "data": base64}, see `encode_routed_experts`)."""
     s = state(request)
@@ -32,6 +34,10 @@ async def generate(body: GenerateRequest, request: Request):
         return StreamingResponse(_events(rid, streams), media_type="text/event-stream")
     (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
     samples = [_sample(rid, j, sample) for j, sample in enumerate(output.samples)]
+    if output.prompt_logprobs is not None:  # with sampling_params.prompt_logprobs, on every object
+        for sample in samples:
+            sample.update(input_logprobs=_lps(output.prompt_logprobs),
+                          input_top_logprobs=_tops(output.prompt_top_logprobs))
     content = samples[0] if len(samples) == 1 else samples
     return Response(json.dumps(content, allow_nan=False), media_type="application/json")  # no jsonable_encoder walk
 
