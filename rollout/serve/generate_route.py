@@ -1,44 +1,29 @@
 """Token-in / token-out generation: `POST /generate` (SGLang's shape: `input_ids`, `sampling_params`, `rid`).
 
-The non-streamed form is the hot path of RL harnesses (hundreds of concurrent clients), so it is served as a
-plain ASGI handler ahead of the FastAPI app (`GenerateFastPath`): the framework's routing, dependency and
-encoding layers cost about a millisecond per request on the event loop's thread, which the engine thread
-shares (measured: 256 concurrent requests of one token took 0.38 s through the FastAPI route on 2 CPU cores).
-Streamed requests go to the FastAPI route below. Both answer the same bodies and the same JSON errors.
+It is the hot path of RL harnesses (hundreds of concurrent clients), so it is served by a plain ASGI handler
+ahead of the FastAPI app (`GenerateFastPath`): the framework's routing, dependency and encoding layers cost about
+a millisecond per request on the event loop's thread, which the engine thread shares (measured on 2 CPU cores:
+256 concurrent one-token requests took 0.38 s through a FastAPI route, 0.10-0.13 s here). Errors are the same
+JSON bodies as the app's. The route is therefore not listed in the app's OpenAPI page.
+
+Not streamed, the answer is one object per sample (a list when n > 1) with `output_ids`, `output_logprobs`,
+per-token `weight_versions`, `finish_reason`; with `partial`, the output holds the earlier tokens followed by the
+new ones. Streamed, one event per delta (new tokens only), then [DONE]. With
+`sampling_params.return_routed_experts`, each object and event also has `routed_experts` ({"shape", "dtype":
+"int16", "data": base64}, see `encode_routed_experts`).
 """
 
 from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from rollout.outputs import Sample, encode_routed_experts
-from rollout.serve.app import ServerState, state
+from rollout.serve.app import ServerState
 from rollout.serve.errors import ClientGone, error_body, status_of, validation_message
 from rollout.serve.protocol import GenerateRequest
 from rollout.serve.streams import Job, MergedStreams, finite, generate_all, sse, unless_client_leaves
-
-router = APIRouter()
-
-
-@router.post("/generate")
-async def generate(body: GenerateRequest, request: Request):
-    """Sample `sampling_params.n` completions of `input_ids`. Not streamed: one object per sample (a list when
-    n > 1) with `output_ids`, `output_logprobs`, per-token `weight_versions`, `finish_reason`; with `partial`,
-    the output holds the earlier tokens followed by the new ones. Streamed: one event per delta (new tokens
-    only), then [DONE]. With `sampling_params.return_routed_experts`, each object and event also has
-    `routed_experts` ({"shape", "dtype": "int16", "data": base64}, see `encode_routed_experts`).
-    (Non-streamed requests are answered by `GenerateFastPath`, before this route.)"""
-    s = state(request)
-    job = _job(s, body)
-    if body.stream:
-        streams = MergedStreams(s.engine, s, [job])
-        await streams.start()
-        return StreamingResponse(_events(job.rid, streams), media_type="text/event-stream")
-    return await _complete(s, job, request.receive)
 
 
 def _job(s: ServerState, body: GenerateRequest) -> Job:
@@ -53,14 +38,17 @@ async def _complete(s: ServerState, job: Job, receive):
 
 
 class GenerateFastPath:
-    """ASGI middleware answering non-streamed `POST /generate` itself; everything else goes on to `app`."""
+    """ASGI middleware answering `POST /generate` itself; everything else goes on to `app`."""
 
     def __init__(self, app, server: ServerState):
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/generate" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] != "/generate":
             return await self.app(scope, receive, send)
+        if scope["method"] != "POST":
+            return await _send_json(send, 405, error_body(405, f"{scope['method']} is not allowed on /generate; "
+                                                               f"POST a JSON body"))
         messages, raw = [], b""
         while True:
             message = await receive()
@@ -72,12 +60,13 @@ class GenerateFastPath:
             body = GenerateRequest.model_validate_json(raw)
         except ValidationError as exc:
             return await _send_json(send, 400, error_body(400, *validation_message(exc.errors())))
-        if body.stream:
-            async def replay():
-                return messages.pop(0) if messages else await receive()
-            return await self.app(scope, replay, send)
+        job = _job(self.server, body)
         try:
-            content = await _complete(self.server, _job(self.server, body), receive)
+            if body.stream:
+                streams = MergedStreams(self.server.engine, self.server, [job])
+                await streams.start()  # a request the engine refuses still gets its 4xx
+                return await _stream(streams, job.rid, receive, send)
+            content = await _complete(self.server, job, receive)
         except ClientGone:
             return await _send_json(send, 499, error_body(499, "the client closed the connection; its requests "
                                                                "were aborted"))
@@ -87,6 +76,24 @@ class GenerateFastPath:
                 raise  # the app's error middleware logs it and answers 500
             return await _send_json(send, status, error_body(status, " ".join(str(exc).split())))
         await _send_json(send, 200, content)
+
+
+async def _stream(streams: MergedStreams, rid: str, receive, send) -> None:
+    """Server-sent events of the request's deltas; a client that leaves ends (and aborts) it."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+
+    async def pump() -> None:
+        async for event in _events(rid, streams):
+            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    try:
+        await unless_client_leaves(receive, pump())
+    except ClientGone:
+        pass  # nobody to tell; the engine requests were aborted
+    finally:
+        streams.close()
 
 
 async def _send_json(send, status: int, content) -> None:
