@@ -114,6 +114,8 @@ def _tokens(label: str, prompt, tokenizer, vocab_size: int, max_model_len: int) 
 
 def _token_ids(label: str, prompt, vocab_size: int) -> list[int]:
     """The ids as ints: ints or numpy integers in [0, vocab_size); bools and floats are refused."""
+    if prompt and set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < vocab_size:
+        return list(prompt)  # the common case, checked at C speed
     for pos, t in enumerate(prompt):
         if not is_integer(t):
             raise InvalidRequestError(f"{label}: token ids must be ints; got {type(t).__name__} {t!r} "

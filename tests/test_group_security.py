@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,9 +212,19 @@ def test_a_malformed_request_is_answered_and_the_group_keeps_working():
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="freezes the store's process with SIGSTOP")
+def stop_process(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped (the signal's effect is not immediate)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    tasks = Path(f"/proc/{pid}/task")
+    while not all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir()):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
 def test_a_frozen_host_is_given_up_on():
     host, member = host_and_member(1)
-    os.kill(host.server.process.pid, signal.SIGSTOP)
+    stop_process(host.server.process.pid)
     try:
         with pytest.raises(StoreError, match="no answer from the group store .* within 1s"):
             member.set("k", "v")

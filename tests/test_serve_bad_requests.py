@@ -61,6 +61,8 @@ CASES = [
     ("POST", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "logprobs"),
     ("GET", "/v2/nothing", None, 404, "/v2/nothing"),
     ("GET", "/v1/completions", None, 405, "GET"),
+    ("GET", "/generate", None, 405, "GET is not allowed on /generate"),
+    ("POST", "/generate", {"input_ids": [5, 6], "stream": True, "sampling_params": {"top_k": -7}}, 400, "top_k"),
     ("POST", "/v1/completions", {"prompt": list(range(3, 20000))}, 413, "limit"),
 ]
 

@@ -50,7 +50,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     """
     from rollout.serve.chat_route import router as chat_router
     from rollout.serve.control_routes import router as control_router
-    from rollout.serve.generate_route import router as generate_router
+    from rollout.serve.generate_route import GenerateFastPath
     from rollout.serve.metrics import router as metrics_router
     from rollout.serve.openai_routes import router as openai_router
 
@@ -59,7 +59,6 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(chat_router)
-    app.include_router(generate_router)
     app.include_router(control_router)
     app.include_router(metrics_router)
 
@@ -72,6 +71,7 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     async def version():
         return {"version": VERSION}
 
+    app.add_middleware(GenerateFastPath, server=app.state.server)  # POST /generate; runs after Guard (added last)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 

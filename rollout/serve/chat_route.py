@@ -37,7 +37,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         await streams.start()
         return StreamingResponse(_events(s, body, rid, streams, prompt, tools, tokenizer),
                                  media_type="text/event-stream")
-    (output,) = await unless_client_leaves(request, generate_all(s.engine, s, [job]))
+    (output,) = await unless_client_leaves(request.receive, generate_all(s.engine, s, [job]))
     choices = [_choice(j, sample, prompt, body, tools, rid, tokenizer) for j, sample in enumerate(output.samples)]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
             "choices": choices, "usage": usage(len(prompt), sum(len(x.token_ids) for x in output.samples))}

@@ -45,7 +45,7 @@ async def completions(body: CompletionRequest, request: Request):
         await streams.start()
         return StreamingResponse(_completion_events(s, body, rid, streams, prompts, tokenizer),
                                  media_type="text/event-stream")
-    outputs = await unless_client_leaves(request, generate_all(s.engine, s, jobs))
+    outputs = await unless_client_leaves(request.receive, generate_all(s.engine, s, jobs))
     choices, completion_tokens = [], 0
     for i, output in enumerate(outputs):
         for j, sample in enumerate(output.samples):

@@ -39,6 +39,9 @@ class Job:
 async def generate_all(engine, server, jobs: list[Job]) -> list[RolloutOutput]:
     """`engine.generate` of each job at once; the first error cancels the others (which aborts them) and is
     raised."""
+    if len(jobs) == 1:  # the common case, without a task of its own
+        job = jobs[0]
+        return [await _tracked(server, job, engine.generate(job.prompt, job.params, job.rid, partial=job.partial))]
     tasks = [asyncio.ensure_future(_tracked(server, job, engine.generate(job.prompt, job.params, job.rid,
                                                                          partial=job.partial)))
              for job in jobs]
@@ -49,24 +52,25 @@ async def generate_all(engine, server, jobs: list[Job]) -> list[RolloutOutput]:
             task.cancel()
 
 
-async def unless_client_leaves(request, awaitable):
-    """`await awaitable`, cancelled (which aborts its engine requests) if the client disconnects first."""
+async def unless_client_leaves(receive, awaitable):
+    """`await awaitable`, cancelled (which aborts its engine requests) if the client disconnects first; `receive`
+    is the request's ASGI receive (its body already read)."""
     work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(_cancel_on_disconnect(receive, work))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watch.done() and not watch.cancelled():  # the client left: its work was cancelled, aborting it
+            raise ClientGone() from None
+        raise
     finally:
         watch.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise ClientGone()
-    return work.result()
 
 
-async def _disconnected(request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _cancel_on_disconnect(receive, work: asyncio.Future) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
+    work.cancel()
 
 
 async def _tracked(server, job: Job, awaitable):
