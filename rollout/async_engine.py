@@ -6,9 +6,8 @@ from typing import Optional
 
 from rollout.async_local import AsyncLocalEngine
 from rollout.config import EngineConfig
-from rollout.local_engine import engine_config
 from rollout.ray_async import AsyncRayEngine
-from rollout.ray_engine import RAY_OPTIONS
+from rollout.ray_engine import ray_executor
 
 
 class AsyncRolloutEngine(AsyncLocalEngine):
@@ -21,8 +20,8 @@ class AsyncRolloutEngine(AsyncLocalEngine):
     """
 
     def __new__(cls, config: Optional[EngineConfig] = None, **kwargs):
-        executor = config.executor if config is not None else kwargs.get("executor", "local")
-        if executor == "ray":
-            ray_options = {k: kwargs.pop(k) for k in RAY_OPTIONS if k in kwargs}
-            return AsyncRayEngine(engine_config(config, kwargs), **ray_options)
+        ray = ray_executor(config, kwargs)
+        if ray is not None:
+            ray_config, ray_options = ray
+            return AsyncRayEngine(ray_config, **ray_options)
         return super().__new__(cls)

@@ -8,9 +8,9 @@ from typing import AsyncIterator, Iterable, Mapping, Optional, Union
 
 import torch
 
-from rollout.config import EngineConfig
-from rollout.local_engine import LocalEngine, Prompt, engine_config
+from rollout.config import EngineConfig, engine_config
 from rollout.errors import EngineClosedError
+from rollout.local_engine import LocalEngine, Prompt
 from rollout.outputs import PartialSample, RolloutOutput, SampleDelta
 from rollout.pause import PauseMode, check_pause_mode
 from rollout.requests import Request, Sink

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -52,3 +52,12 @@ class EngineConfig(WorkerConfig):
                     f"{self.max_model_len} tokens: it needs at least {needed} blocks of {self.block_size}"
                 )
         return self
+
+
+def engine_config(config: Optional[EngineConfig], fields: dict) -> EngineConfig:
+    """`config`, or an EngineConfig built from keyword fields (not both)."""
+    if config is None:
+        return EngineConfig(**fields)
+    if fields:
+        raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(fields)})")
+    return config

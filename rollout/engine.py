@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from rollout.config import EngineConfig
-from rollout.local_engine import LocalEngine, engine_config
-from rollout.ray_engine import RAY_OPTIONS, RayEngine
+from rollout.local_engine import LocalEngine
+from rollout.ray_engine import RayEngine, ray_executor
 
 
 class RolloutEngine(LocalEngine):
@@ -20,8 +20,8 @@ class RolloutEngine(LocalEngine):
     """
 
     def __new__(cls, config: Optional[EngineConfig] = None, **kwargs):
-        executor = config.executor if config is not None else kwargs.get("executor", "local")
-        if executor == "ray":
-            ray_options = {k: kwargs.pop(k) for k in RAY_OPTIONS if k in kwargs}
-            return RayEngine(engine_config(config, kwargs), **ray_options)
+        ray = ray_executor(config, kwargs)
+        if ray is not None:
+            ray_config, ray_options = ray
+            return RayEngine(ray_config, **ray_options)
         return super().__new__(cls)

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Optional, Sequence as Seq, Union
 import torch
 from tqdm.auto import tqdm
 
-from rollout.config import EngineConfig
+from rollout.config import EngineConfig, engine_config
 from rollout.core import EngineCore
 from rollout.loop import EngineLoop
 from rollout.outputs import RolloutOutput
@@ -26,15 +26,6 @@ from worker.parallel import TensorParallelInit
 from worker.worker import Worker
 
 Prompt = Union[list[int], str]
-
-
-def engine_config(config: Optional[EngineConfig], fields: dict) -> EngineConfig:
-    """`config`, or an EngineConfig built from keyword fields (not both)."""
-    if config is None:
-        return EngineConfig(**fields)
-    if fields:
-        raise TypeError(f"pass either an EngineConfig or keyword fields, not both (got {sorted(fields)})")
-    return config
 
 
 class _Collect(Sink):

@@ -17,6 +17,7 @@ from rollout.outputs import PartialSample, RolloutOutput, SampleDelta
 from rollout.pause import PauseMode, check_pause_mode
 from rollout.ray_actor import AsyncRankActor
 from rollout.ray_engine import RayEngine
+from rollout.requests import Sink
 from rollout.sampling_params import SamplingParams
 
 
@@ -43,16 +44,14 @@ class AsyncRayEngine:
 
     def _place(self, prompt, params: Optional[SamplingParams], request_id: Optional[str], partial):
         (tokens,), (p,) = self.front.check([prompt], params, labels=["prompt"])
-        if request_id is not None and (not isinstance(request_id, str) or not request_id):
-            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
-        rid = request_id or self.front.new_id()
+        if partial is not None:
+            partial = PartialSample.model_validate(partial)
+        checked = self.front.request(tokens, p, Sink(), request_id, partial)  # id, seed, partial: checked here
+        rid = checked.request_id
         if rid in self._where:
             raise InvalidRequestError(f"request_id {rid!r} is already in flight; request ids must be unique among "
                                       f"the requests in flight")
-        if partial is not None:
-            partial = PartialSample.model_validate(partial)
-            self.front.continuation(tokens, p, partial)  # checked here, before it travels
-        p = p.model_copy(update={"seed": self.front.seed(p)})
+        p = p.model_copy(update={"seed": checked.seed})
         replica = self.ray.assign_one(tokens, p)
         self._where[rid] = replica
         return tokens, p, rid, partial, replica

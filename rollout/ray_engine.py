@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence as Seq, Union
 
-from rollout.config import EngineConfig
+from rollout.config import EngineConfig, engine_config
 from rollout.errors import ReplicaError
 from rollout.outputs import RolloutOutput
 from rollout.ray_actor import RankActor
@@ -28,6 +28,16 @@ from worker.updates import requested_version
 
 
 RAY_OPTIONS = ("placement_group", "bundle_indices", "num_gpus_per_worker", "call_timeout_s")
+
+
+def ray_executor(config: Optional[EngineConfig], fields: dict) -> Optional[tuple[EngineConfig, dict]]:
+    """For `executor="ray"`: the EngineConfig and the Ray options (`RAY_OPTIONS`, taken out of `fields`) that
+    an engine's constructor was given; None for the local executor."""
+    executor = config.executor if config is not None else fields.get("executor", "local")
+    if executor != "ray":
+        return None
+    options = {k: fields.pop(k) for k in RAY_OPTIONS if k in fields}
+    return engine_config(config, fields), options
 
 
 def ray_available() -> dict:

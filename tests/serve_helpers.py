@@ -61,3 +61,15 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(60)
         assert not self.thread.is_alive(), "the server did not stop"
+
+
+def serving(checkpoint, config: dict, **options):
+    """For a pytest fixture (`yield from serving(...)`): a LiveServer of an AsyncRolloutEngine on `checkpoint`
+    built with `config`, stopped afterwards."""
+    from rollout import AsyncRolloutEngine
+
+    server = LiveServer(AsyncRolloutEngine(model=str(checkpoint), **config), **options)
+    try:
+        yield server
+    finally:
+        server.stop()

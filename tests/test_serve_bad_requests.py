@@ -4,8 +4,7 @@ keeps serving (health checked after each)."""
 import httpx
 import pytest
 
-from rollout import AsyncRolloutEngine
-from serve_helpers import LiveServer
+from serve_helpers import serving
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=256, seed=3, max_model_len=128)
 KEY = {"Authorization": "Bearer k3y"}
@@ -69,10 +68,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG), model_name="tiny",
-                        api_key="k3y", max_body_bytes=50_000)
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG, model_name="tiny", api_key="k3y", max_body_bytes=50_000)
 
 
 @pytest.mark.parametrize("method,path,body,status,piece", CASES, ids=[f"{i}-{c[1]}" for i, c in enumerate(CASES)])

@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout import AsyncRolloutEngine
 from rollout.cli import main
 from rollout.serve import build_app
-from serve_helpers import LiveServer, wait_for
+from serve_helpers import serving, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=16, max_num_batched_tokens=256, seed=3)
@@ -25,9 +24,7 @@ CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=16, max_num_batched_to
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG), model_name="tiny")
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG, model_name="tiny")
 
 
 def call(app, method, path, **kwargs) -> httpx.Response:

@@ -8,10 +8,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams
+from rollout import RolloutEngine, SamplingParams
 from rollout.serve.chat import parse_tool_calls, render
 from rollout.serve.errors import APIError
-from serve_helpers import LiveServer
+from serve_helpers import serving
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=32, max_num_batched_tokens=256, seed=3)
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+3?"}]
@@ -23,9 +23,7 @@ TOOLS = [{"type": "function", "function": {"name": "calculator", "description": 
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG), model_name="tiny")
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG, model_name="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import random
 import httpx
 import pytest
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams
-from serve_helpers import LiveServer, wait_for
+from rollout import RolloutEngine, SamplingParams
+from serve_helpers import serving, wait_for
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=64, max_num_batched_tokens=512, seed=3)
 CLIENTS = 256
@@ -18,9 +18,7 @@ CLIENTS = 256
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG))
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG)
 
 
 def workload():

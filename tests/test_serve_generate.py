@@ -10,8 +10,8 @@ import httpx
 import pytest
 import torch
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams, TransferInitInfo, run_together
-from serve_helpers import LiveServer, save_text_checkpoint, wait_for
+from rollout import RolloutEngine, SamplingParams, TransferInitInfo, run_together
+from serve_helpers import save_text_checkpoint, serving, wait_for
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=32, max_num_batched_tokens=256, seed=3,
               enable_sleep_mode=True, num_kv_blocks=128, max_model_len=256)
@@ -25,9 +25,7 @@ def new_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG))
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG)
 
 
 def reference_run(checkpoint, prompts, params):

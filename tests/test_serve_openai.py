@@ -7,8 +7,8 @@ import openai
 import pytest
 import torch
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams
-from serve_helpers import LiveServer
+from rollout import RolloutEngine, SamplingParams
+from serve_helpers import serving
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=32, max_num_batched_tokens=256, seed=3)
 PROMPTS = [[5, 17, 99, 200, 31], [44, 8, 301, 12]]
@@ -16,9 +16,7 @@ PROMPTS = [[5, 17, 99, 200, 31], [44, 8, 301, 12]]
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG), model_name="tiny")
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG, model_name="tiny")
 
 
 @pytest.fixture(scope="module")

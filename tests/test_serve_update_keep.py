@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from rollout import AsyncRolloutEngine, RolloutEngine, SamplingParams
-from serve_helpers import LiveServer, save_text_checkpoint
+from rollout import RolloutEngine, SamplingParams
+from serve_helpers import save_text_checkpoint, serving
 
 CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=64, max_num_batched_tokens=512, seed=3)
 STREAMS, MAX_TOKENS = 100, 120
@@ -16,9 +16,7 @@ STREAMS, MAX_TOKENS = 100, 120
 
 @pytest.fixture(scope="module")
 def live(text_checkpoint):
-    server = LiveServer(AsyncRolloutEngine(model=str(text_checkpoint), **CONFIG))
-    yield server
-    server.stop()
+    yield from serving(text_checkpoint, CONFIG)
 
 
 def test_update_in_keep_mode_mid_stream(live, text_checkpoint, tmp_path):

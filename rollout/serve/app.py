@@ -5,39 +5,20 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
-from dataclasses import dataclass, field
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
+from rollout.serve.chat_route import router as chat_router
+from rollout.serve.control_routes import router as control_router
 from rollout.serve.errors import error_body, install_error_handlers
+from rollout.serve.generate_route import GenerateFastPath
+from rollout.serve.metrics import router as metrics_router
+from rollout.serve.openai_routes import router as openai_router
+from rollout.serve.state import ServerState
 
 VERSION = "0.1.0"
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
-
-
-@dataclass
-class ServerState:
-    """What the routes share: the engine, the served model's name and the engine requests in flight (engine
-    request id -> the id of the HTTP request it serves)."""
-
-    engine: object
-    model_name: str
-    in_flight: dict[str, str] = field(default_factory=dict)
-    next_id: int = 0
-    requests_total: int = 0
-    generated_tokens_total: int = 0
-    asleep: set[str] = field(default_factory=set)  # memory tags put to sleep through /sleep
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def new_id(self, prefix: str) -> str:
-        self.next_id += 1
-        return f"{prefix}-{self.next_id}"
-
-
-def state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = None,
@@ -48,12 +29,6 @@ def build_app(engine, model_name: str = "rollout", *, api_key: Optional[str] = N
     `max_body_bytes` get a 413. Errors are JSON bodies `{"error": {"message", "type", "param", "code"}}`.
     The app does not shut the engine down; `rollout.serve.server.serve` does, on SIGINT / SIGTERM.
     """
-    from rollout.serve.chat_route import router as chat_router
-    from rollout.serve.control_routes import router as control_router
-    from rollout.serve.generate_route import GenerateFastPath
-    from rollout.serve.metrics import router as metrics_router
-    from rollout.serve.openai_routes import router as openai_router
-
     app = FastAPI(title="rollout-engine", version=VERSION)
     app.state.server = ServerState(engine, model_name)
     install_error_handlers(app)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from rollout.outputs import Sample
-from rollout.serve.app import state
+from rollout.serve.state import state
 from rollout.serve.chat import parse_tool_calls, render
 from rollout.serve.errors import error_body, status_of
 from rollout.serve.openai_routes import check_model, token_text, usage

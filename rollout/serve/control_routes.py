@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from pydantic import BaseModel, ValidationError
 
-from rollout.serve.app import state
+from rollout.serve.state import state
 from rollout.serve.errors import APIError, validation_message
 from rollout.serve.protocol import (AbortRequest, InitWeightTransferRequest, LoadWeightsRequest, PauseRequest,
                                     SleepRequest, UpdateWeightsRequest, WakeUpRequest)

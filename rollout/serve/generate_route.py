@@ -22,7 +22,7 @@ import json
 from pydantic import ValidationError
 
 from rollout.outputs import Sample, encode_routed_experts
-from rollout.serve.app import ServerState
+from rollout.serve.state import ServerState
 from rollout.serve.errors import ClientGone, error_body, status_of, validation_message
 from rollout.serve.protocol import GenerateRequest
 from rollout.serve.streams import Job, MergedStreams, finite, generate_all, sse, unless_client_leaves

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from rollout.serve.app import ServerState, state
+from rollout.serve.state import ServerState, state
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from rollout.outputs import Sample
-from rollout.serve.app import ServerState, state
+from rollout.serve.state import ServerState, state
 from rollout.serve.errors import APIError, error_body, status_of
 from rollout.serve.protocol import CompletionRequest
 from rollout.serve.streams import Detokenizer, Job, MergedStreams, finite, generate_all, sse, unless_client_leaves
