@@ -11,13 +11,14 @@ benchmarks/models/qwen3-30b-a3b.json, only the experts a step is expected to
 touch count; see touched_weight_bytes); the table reports the median over full-batch
 decode rounds of (time from the round's start to the next's) / its steps.
 
-GRPO workload (issue 11): `--workload grpo` (sampling settings: --top-p, --top-k, --min-p, --top-logprobs,
---repetition-penalty, --logprobs; issue 14) times --prompts (64) prompts x n=--n (16)
+GRPO workload (issue 11): `--workload grpo` times --prompts (64) prompts x n=--n (16)
 against the same samples sent as separate prompts (each prompt --n times with n=1):
 --input-len tokens in, --output-len out, temperature 1, both on one engine in this
 run. After a warm-up call of each, the two alternate for --repeats calls each, on
 fresh random prompts every call (no prefix-cache hits across calls); it prints the
 median output tokens / s of each. `--device cpu` runs it on the CPU (e.g. a tiny config).
+The issue-14 rows (the GRPO batch under each sampling setting, side by side) are
+benchmarks/sampling_rows.py.
 
 Async API (issue 12): `--api async` runs the chosen workload through AsyncRolloutEngine (one
 concurrent `generate` per prompt) beside the synchronous `generate` in the same run, and the
@@ -168,8 +169,7 @@ def workload(args, vocab: int):
 
 def grpo_forms(args, vocab: int, rng: random.Random) -> dict[str, tuple[list[list[int]], SamplingParams]]:
     """The two forms of one GRPO batch, each on its own fresh prompts of the same length."""
-    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.output_len, ignore_eos=True,
-                            **sampling_flags(args))
+    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
 
     def prompts() -> list[list[int]]:
         return [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.prompts)]
@@ -177,15 +177,6 @@ def grpo_forms(args, vocab: int, rng: random.Random) -> dict[str, tuple[list[lis
     return {f"{args.prompts} prompts x n={args.n}": (prompts(), params),
             f"{args.prompts * args.n} separate prompts": ([p for p in prompts() for _ in range(args.n)],
                                                            params.model_copy(update={"n": 1}))}
-
-
-def sampling_flags(args) -> dict:
-    """SamplingParams fields set by --top-p / --top-k / --min-p / --top-logprobs / --repetition-penalty /
-    --logprobs (the issue-14 rows)."""
-    flags = dict(top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, top_logprobs=args.top_logprobs,
-                 repetition_penalty=args.repetition_penalty)
-    fields = {name: value for name, value in flags.items() if value is not None}
-    return fields | ({"logprobs": True} if args.logprobs else {})
 
 
 def run_grpo(args, vocab: int) -> dict[str, float]:
@@ -213,9 +204,8 @@ def report_grpo(args, vocab: int) -> None:
     facts = dict(date=time.strftime("%Y-%m-%d"), device=device, commit=git_commit(), model=Path(args.config).stem,
                  workload="grpo", prompts=args.prompts, n=args.n, input_len=args.input_len,
                  output_len=args.output_len, decode_steps=args.decode_steps, repeats=args.repeats, tok_s=rates)
-    facts["sampling"] = sampling_flags(args)
     print(f"model={facts['model']} device={device} commit={facts['commit']} GRPO batch: {args.input_len} in, "
-          f"{args.output_len} out, temperature 1 {facts['sampling']}, bf16, median of {args.repeats}")
+          f"{args.output_len} out, temperature 1, bf16, median of {args.repeats}")
     print(f"{'form':<28} {'output tok/s':>13}")
     for form, rate in rates.items():
         print(f"{form:<28} {rate:13.0f}")
@@ -246,12 +236,6 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams timed for latency (async)")
     parser.add_argument("--routed-experts", action="store_true",
                         help="MoE models: the workload without and with return_routed_experts=True, alternating")
-    parser.add_argument("--top-p", type=float, help="grpo: SamplingParams.top_p")
-    parser.add_argument("--top-k", type=int, help="grpo: SamplingParams.top_k")
-    parser.add_argument("--min-p", type=float, help="grpo: SamplingParams.min_p")
-    parser.add_argument("--top-logprobs", type=int, help="grpo: SamplingParams.top_logprobs")
-    parser.add_argument("--repetition-penalty", type=float, help="grpo: SamplingParams.repetition_penalty")
-    parser.add_argument("--logprobs", action="store_true", help="grpo: SamplingParams.logprobs")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not args.device.startswith("cuda") and args.workload != "grpo" and args.api != "async" and \
