@@ -35,8 +35,8 @@ ROW_BLOCK = 256  # entries per iteration of a per-row search ([ROW_BLOCK, NB] ti
 MAX_TOP_LOGPROBS = 64
 STATES = PASSES + 1
 # per-row results: float32 columns and int32 columns
-M, Z, LSE_RAW, KEPT_MASS, LOG_Z = range(5)
-GREEDY, FINITE, LOW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = range(12)
+M, Z, LSE_RAW, KEPT_MASS, LOG_Z = map(tl.constexpr, range(5))
+GREEDY, FINITE, LOW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = map(tl.constexpr, range(12))
 
 
 @triton.jit

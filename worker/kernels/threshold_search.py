@@ -30,7 +30,7 @@ NB = 16  # buckets per pass
 VALUE_PASSES = 2  # passes that split the value range evenly before splitting the key range
 PASSES = 3  # chunk-parallel bucket passes before the compaction
 CAP = 2048  # candidates per row
-INT_MAX = 2147483647
+INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
