@@ -7,9 +7,10 @@ at `tie_key` weigh tie_scale * e (the share of a tie an earlier filter kept).
 
 The search state of a row moves through fixed launches (static shapes, no host sync):
 1. PASSES bucket passes, grid (rows, chunks of CHUNK tokens): each chunk program counts and weighs
-   its tokens inside the row's key range [lo, hi] in NB buckets, with the smallest and largest key
-   of each bucket; the next launch combines the chunks' buckets (every program alike; chunk 0 writes
-   the result) and narrows [lo, hi] to the keys seen in the bucket holding the threshold;
+   its tokens inside the row's key range [lo, hi] at or above each of NB pivots (cumulative tallies:
+   a compare per token and pivot, no bucket index); the next launch combines the chunks' tallies
+   (every program alike; chunk 0 writes the result) and narrows [lo, hi] to the pivots around the
+   threshold;
 2. a compaction, grid (rows, chunks): the tokens left in [lo, hi] (at most CAP of them) are copied,
    in token-id order, to a per-row candidate list;
 3. the finish (one program per row, `finish_search`): the same bucket search, over the candidates
@@ -98,6 +99,28 @@ def _narrow(cnt, mass, kmin, kmax, by_mass, above_cnt, above_mass, target, NB: t
 
 
 @triton.jit
+def _tally_at_or_above(k, e, inside, qs, cnt, mass):
+    """Add the tokens (keys k, weights e, where `inside`) to the count and weight at or above each pivot of qs."""
+    ge = inside[:, None] & (k[:, None] >= qs[None, :])
+    return cnt + tl.sum(ge.to(tl.int32), axis=0), mass + tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _narrow_at_or_above(cnt, mass, qs, hi, by_mass, above_cnt, above_mass, target, NB: tl.constexpr):
+    """From the tallies at or above each pivot: the chosen pivot's index (the last with W(>= it) >= target),
+    the new above count / mass and the new range [its pivot, the next pivot - 1]."""
+    buckets = tl.arange(0, NB)
+    weight = tl.where(by_mass, mass, cnt.to(tl.float32))
+    above_w = tl.where(by_mass, above_mass, above_cnt.to(tl.float32))
+    chosen = tl.max(tl.where(above_w + weight >= target, buckets, 0), axis=0)
+    nxt = buckets == chosen + 1
+    new_hi = tl.where(chosen == NB - 1, hi, tl.sum(tl.where(nxt, qs, 0), axis=0) - 1)
+    return (chosen, above_cnt + tl.sum(tl.where(nxt, cnt, 0), axis=0),
+            above_mass + tl.sum(tl.where(nxt, mass, 0.0), axis=0),
+            tl.sum(tl.where(buckets == chosen, qs, 0), axis=0), new_hi)
+
+
+@triton.jit
 def _search(ptr, vocab, divisor, m, lo, hi, target, by_mass, tie_key, tie_scale,
             BLOCK: tl.constexpr, NB: tl.constexpr, VALUE_PASSES: tl.constexpr):
     """One program's search over ptr[:vocab] / divisor: the largest key t in [lo, hi] with W(>= t) >= target,
@@ -146,10 +169,10 @@ def _src(work, raw, raw_src, cols, mask, divisor):
 
 @triton.jit
 def _advance(si, sf, hist_i, hist_f, row, p, rows, num_chunks, write, STATES: tl.constexpr, NB: tl.constexpr,
-             MAX_CHUNKS: tl.constexpr):
-    """State p of `row` from state p - 1 and the chunks' buckets of pass p - 1 (written where `write`).
+             MAX_CHUNKS: tl.constexpr, VALUE_PASSES: tl.constexpr):
+    """State p of `row` from state p - 1 and the chunks' tallies of pass p - 1 (written where `write`).
 
-    Returns active, lo, hi and each chunk's count in the chosen bucket ([MAX_CHUNKS])."""
+    Returns active, lo, hi and each chunk's count in the chosen range ([MAX_CHUNKS])."""
     prev_i = si + (row * STATES + p - 1) * 8
     prev_f = sf + (row * STATES + p - 1) * 4
     active = tl.load(prev_i) != 0
@@ -158,14 +181,12 @@ def _advance(si, sf, hist_i, hist_f, row, p, rows, num_chunks, write, STATES: tl
     chunks = tl.arange(0, MAX_CHUNKS)
     buckets = tl.arange(0, NB)
     ok = (chunks[:, None] < num_chunks) & active
-    base = ((p - 1) % 2 * rows + row) * num_chunks + chunks
-    offs = base[:, None] * (3 * NB) + buckets[None, :]
+    offs = (((p - 1) % 2 * rows + row) * num_chunks + chunks)[:, None] * NB + buckets[None, :]
     cnt2 = tl.load(hist_i + offs, mask=ok, other=0)
-    kmin = tl.min(tl.load(hist_i + offs + NB, mask=ok, other=INT_MAX), axis=0)
-    kmax = tl.max(tl.load(hist_i + offs + 2 * NB, mask=ok, other=-INT_MAX), axis=0)
-    mass = tl.sum(tl.load(hist_f + base[:, None] * NB + buckets[None, :], mask=ok, other=0.0), axis=0)
-    chosen, new_cnt, new_mass, new_lo, new_hi = _narrow(tl.sum(cnt2, axis=0), mass, kmin, kmax,
-                                                        tl.load(prev_i + 4) != 0, above_cnt, above_mass, target, NB)
+    mass = tl.sum(tl.load(hist_f + offs, mask=ok, other=0.0), axis=0)
+    qs = _pivots(lo, hi, p - 1, buckets, NB, VALUE_PASSES)
+    chosen, new_cnt, new_mass, new_lo, new_hi = _narrow_at_or_above(
+        tl.sum(cnt2, axis=0), mass, qs, hi, tl.load(prev_i + 4) != 0, above_cnt, above_mass, target, NB)
     lo, hi = tl.where(active, new_lo, lo), tl.where(active, new_hi, hi)
     above_cnt, above_mass = tl.where(active, new_cnt, above_cnt), tl.where(active, new_mass, above_mass)
     if write:
@@ -180,20 +201,21 @@ def _advance(si, sf, hist_i, hist_f, row, p, rows, num_chunks, write, STATES: tl
         tl.store(cur_f, above_mass)
         for j in tl.static_range(1, 4):
             tl.store(cur_f + j, tl.load(prev_f + j))
-    return active, lo, hi, tl.sum(tl.where(buckets[None, :] == chosen, cnt2, 0), axis=1)
+    in_range = tl.where(buckets[None, :] == chosen, cnt2, 0) - tl.where(buckets[None, :] == chosen + 1, cnt2, 0)
+    return active, lo, hi, tl.sum(in_range, axis=1)
 
 
 @triton.jit
 def _bucket_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, si, sf, hist_i, hist_f, p, rows,
                    STATES: tl.constexpr, NB: tl.constexpr, MAX_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                    SEARCH_BLOCK: tl.constexpr, VALUE_PASSES: tl.constexpr):
-    """Pass p: advance the state (p > 0), then this chunk's buckets of the row's range."""
+    """Pass p: advance the state (p > 0), then this chunk's tallies at or above the pivots of the row's range."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     if p > 0:
         active, lo, hi, _ = _advance(si, sf, hist_i, hist_f, row, p, rows, num_chunks, chunk == 0, STATES, NB,
-                                     MAX_CHUNKS)
+                                     MAX_CHUNKS, VALUE_PASSES)
     else:
         active = tl.load(si + row * STATES * 8) != 0
         lo, hi = tl.load(si + row * STATES * 8 + 1), tl.load(si + row * STATES * 8 + 2)
@@ -207,8 +229,6 @@ def _bucket_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
         qs = _pivots(lo, hi, p, tl.arange(0, NB), NB, VALUE_PASSES)
         cnt = tl.zeros([NB], tl.int32)
         mass = tl.zeros([NB], tl.float32)
-        kmin = tl.full([NB], INT_MAX, tl.int32)
-        kmax = tl.full([NB], -INT_MAX, tl.int32)
         end = tl.minimum(vocab, (chunk + 1) * CHUNK)
         for start in range(chunk * CHUNK, end, SEARCH_BLOCK):
             cols = start + tl.arange(0, SEARCH_BLOCK)
@@ -216,19 +236,17 @@ def _bucket_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
             k = _key(s)
             inside = (cols < end) & (k >= lo) & (k <= hi)
             if tl.max(inside.to(tl.int32), axis=0) > 0:
-                cnt, mass, kmin, kmax = _tally(s, inside, qs, m, tie_key, tie_scale, cnt, mass, kmin, kmax, NB)
-        out = ((p % 2) * rows + row) * num_chunks + chunk
-        buckets = tl.arange(0, NB)
-        tl.store(hist_i + out * 3 * NB + buckets, cnt)
-        tl.store(hist_i + out * 3 * NB + NB + buckets, kmin)
-        tl.store(hist_i + out * 3 * NB + 2 * NB + buckets, kmax)
-        tl.store(hist_f + out * NB + buckets, mass)
+                e = tl.exp(s - m) * tl.where(k == tie_key, tie_scale, 1.0)
+                cnt, mass = _tally_at_or_above(k, e, inside, qs, cnt, mass)
+        out = (((p % 2) * rows + row) * num_chunks + chunk) * NB + tl.arange(0, NB)
+        tl.store(hist_i + out, cnt)
+        tl.store(hist_f + out, mass)
 
 
 @triton.jit
 def _compact_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, si, sf, hist_i, hist_f, cand_s,
                     cand_id, rows, STATES: tl.constexpr, NB: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr, VALUE_PASSES: tl.constexpr):
     """Advance to the last state, then copy this chunk's tokens inside [lo, hi] to the row's candidates
     (values and ids, in id order), where the row has at most CAP of them."""
     row = tl.program_id(0).to(tl.int64)
@@ -236,7 +254,7 @@ def _compact_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr,
     num_chunks = tl.num_programs(1)
     last = STATES - 1
     active, lo, hi, counts = _advance(si, sf, hist_i, hist_f, row, last, rows, num_chunks, chunk == 0, STATES, NB,
-                                      MAX_CHUNKS)
+                                      MAX_CHUNKS, VALUE_PASSES)
     total = tl.sum(counts, axis=0)
     if chunk == 0:
         tl.store(si + (row * STATES + last) * 8 + 7, total)
@@ -313,7 +331,7 @@ def run_passes(work, raw, temperature, si, sf, cand_s, cand_id, chunk: int, cap:
     rows, vocab = work.shape
     num_chunks = triton.cdiv(vocab, chunk)
     states = PASSES + 1
-    hist_i = work.new_empty((2, rows, num_chunks, 3, NB), dtype=torch.int32)
+    hist_i = work.new_empty((2, rows, num_chunks, NB), dtype=torch.int32)
     hist_f = work.new_empty((2, rows, num_chunks, NB), dtype=torch.float32)
     max_chunks = max(2, triton.next_power_of_2(num_chunks))
     args = (work, work.stride(0), raw, raw.stride(0), vocab, temperature, si, sf, hist_i, hist_f)
@@ -321,4 +339,5 @@ def run_passes(work, raw, temperature, si, sf, cand_s, cand_id, chunk: int, cap:
         _bucket_kernel[(rows, num_chunks)](*args, p, rows, STATES=states, NB=NB, MAX_CHUNKS=max_chunks, CHUNK=chunk,
                                            SEARCH_BLOCK=SEARCH_BLOCK, VALUE_PASSES=VALUE_PASSES, num_warps=4)
     _compact_kernel[(rows, num_chunks)](*args, cand_s, cand_id, rows, STATES=states, NB=NB, MAX_CHUNKS=max_chunks,
-                                        CHUNK=chunk, BLOCK=1024, CAP=cap, num_warps=4)
+                                        CHUNK=chunk, BLOCK=1024, CAP=cap, VALUE_PASSES=VALUE_PASSES,
+                                        num_warps=4)
