@@ -13,8 +13,8 @@ there is no sort, no host sync and no data-dependent shape (CUDA-graph safe):
    (per chunk);
 4. Gumbel-max over the kept tokens per chunk with the counter-based hash of
    `worker.sampler.hashed_uniform` (the torch sampler's random numbers), then the winner per row;
-5. top logprobs: the K-th key of the rank order by the same search, every chunk's tokens above it
-   and first ties at it, ranked per row.
+5. top logprobs (`worker.kernels.top_logprobs`): the K-th key of the rank order by the same search,
+   every chunk's tokens above it and first ties at it, ranked per row.
 This is `worker.sampler.torch_sample`'s distribution: the same tokens for the same seeds, the same
 logprobs up to float32 rounding (sums are taken in another order, so a token within rounding of a
 filter boundary may fall on the other side).
@@ -27,16 +27,13 @@ import triton
 import triton.language as tl
 
 from worker.kernels.sampling import _mix32, _mix64
-from worker.kernels.threshold_search import (CAP, CHUNK, NB, PASSES, VALUE_PASSES, _key, _scaled, _src, _value,
-                                             finish_search, nth_at, run_passes)
+from worker.kernels.row_results import (COUNT, CUTOFF, FINITE, GREEDY, KEPT, KEPT_MASS, LOG_Z, LOW, LSE_RAW, M,
+                                        MATTER, ON_K, T, TIES, Z)
+from worker.kernels.threshold_search import (BLOCK, CAP, CHUNK, NB, ROW_BLOCK, STATES, VALUE_PASSES, _init_search,
+                                             _key, _scaled, _value, finish_search, nth_at, run_passes)
+from worker.kernels.top_logprobs import top_logprobs as rank_top_logprobs
 
-BLOCK = 1024  # entries per iteration of a chunk's streaming loops
-ROW_BLOCK = 256  # entries per iteration of a per-row search ([ROW_BLOCK, NB] tiles)
 MAX_TOP_LOGPROBS = 64
-STATES = PASSES + 1
-# per-row results: float32 columns and int32 columns
-M, Z, LSE_RAW, KEPT_MASS, LOG_Z = map(tl.constexpr, range(5))
-GREEDY, FINITE, LOW, T, TIES, KEPT, CUTOFF, ON_K, MATTER, COUNT, T_TOP, ABOVE_TOP = map(tl.constexpr, range(12))
 
 
 @triton.jit
@@ -88,25 +85,6 @@ def _stats_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, c
     tl.store(ci + out + 1, finite)
     tl.store(ci + out + 2, low)
     tl.store(ci + out + 3, low_raw)
-
-
-@triton.jit
-def _init_search(si, sf, row, active, lo, hi, target, by_mass, tie_key, raw_src, tie_scale, m,
-                 STATES: tl.constexpr):
-    """Write state 0 of a search (see `worker.kernels.threshold_search`); flags are int32 0 / 1."""
-    base_i, base_f = si + row * STATES * 8, sf + row * STATES * 4
-    tl.store(base_i, lo * 0 + active)
-    tl.store(base_i + 1, lo)
-    tl.store(base_i + 2, hi)
-    tl.store(base_i + 3, lo * 0)
-    tl.store(base_i + 4, lo * 0 + by_mass)
-    tl.store(base_i + 5, tie_key)
-    tl.store(base_i + 6, lo * 0 + raw_src)
-    tl.store(base_i + 7, lo * 0)
-    tl.store(base_f, m * 0.0)
-    tl.store(base_f + 1, m * 0.0 + target)  # (scalars may be Python numbers: stored as tensors)
-    tl.store(base_f + 2, m * 0.0 + tie_scale)
-    tl.store(base_f + 3, m)
 
 
 @triton.jit
@@ -324,80 +302,6 @@ def _pick_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, min_p_ptr
     tl.store(ri + row * 16 + COUNT, count)
 
 
-@triton.jit
-def _top_done_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, ri, l_si, l_sf, cand_s,
-                     STATES: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
-                     VALUE_PASSES: tl.constexpr):
-    """Finish the top-logprobs search: the K-th key of the rank order and the count above it."""
-    row = tl.program_id(0).to(tl.int64)
-    temp = tl.load(temp_ptr + row)
-    divisor = tl.where(temp == 0.0, 1.0, temp)
-    t, above, _, _, _ = finish_search(work_ptr + row * stride_work, raw_ptr + row * stride_raw, vocab, divisor,
-                                      l_si, l_sf, cand_s, row, STATES, CAP, BLOCK, NB, VALUE_PASSES)
-    tl.store(ri + row * 16 + T_TOP, t)
-    tl.store(ri + row * 16 + ABOVE_TOP, above)
-
-
-@triton.jit
-def _slots_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, raw_mode_ptr, ri, slots,
-                  K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chunk: the ids of its tokens above the K-th key and of its first ties at it (the row's first K
-    tokens are among the chunks' lists), -1 in the unused slots."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    temp = tl.load(temp_ptr + row)
-    divisor = tl.where(temp == 0.0, 1.0, temp)
-    use_raw = tl.load(raw_mode_ptr + row) != 0
-    t, ties = tl.load(ri + row * 16 + T_TOP), K - tl.load(ri + row * 16 + ABOVE_TOP)
-    out = slots + (row * tl.num_programs(1) + chunk) * KP
-    seen = ties * 0
-    taken = ties * 0
-    end = tl.minimum(vocab, (chunk + 1) * CHUNK)
-    for start in range(chunk * CHUNK, end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        k = _key(_src(work_ptr + row * stride_work, raw_ptr + row * stride_raw, use_raw, cols, cols < end, divisor))
-        at_t = (k == t) & (cols < end)
-        tie_rank = seen + tl.cumsum(at_t.to(tl.int32), axis=0) - 1
-        seen += tl.sum(at_t.to(tl.int32), axis=0)
-        take = ((k > t) & (cols < end)) | (at_t & (tie_rank < ties))
-        slot = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out + slot, cols, mask=take & (slot < KP))
-        taken += tl.sum(take.to(tl.int32), axis=0)
-    lanes = tl.arange(0, KP)
-    tl.store(out + lanes, tl.full([KP], -1, tl.int32), mask=lanes >= taken)
-
-
-@triton.jit
-def _rank_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, raw_mode_ptr, rf, ri, slots, num_slots,
-                 ids_out, vals_out, K: tl.constexpr, N: tl.constexpr, RB: tl.constexpr):
-    """The first K tokens of the row's rank order among the chunks' slots, in order, with their logprobs
-    (processed ones: -inf from the kept count on, for tokens the filters dropped)."""
-    row = tl.program_id(0).to(tl.int64)
-    temp = tl.load(temp_ptr + row)
-    divisor = tl.where(temp == 0.0, 1.0, temp)
-    use_raw = tl.load(raw_mode_ptr + row) != 0
-    work, raw = work_ptr + row * stride_work, raw_ptr + row * stride_raw
-    lanes = tl.arange(0, N)
-    ids = tl.load(slots + row * num_slots + lanes, mask=lanes < num_slots, other=-1)
-    valid = ids >= 0
-    k = _key(_src(work, raw, use_raw, ids, valid, divisor))
-    shift = tl.where(use_raw, 0.0, tl.load(rf + row * 8 + M))
-    log_z = tl.where(use_raw, tl.load(rf + row * 8 + LSE_RAW), tl.load(rf + row * 8 + LOG_Z))
-    count = tl.load(ri + row * 16 + COUNT)
-    for start in range(0, N, RB):
-        mine = start + tl.arange(0, RB)
-        my_ids = tl.load(slots + row * num_slots + mine, mask=mine < num_slots, other=-1)
-        my_ok = my_ids >= 0
-        s = _src(work, raw, use_raw, my_ids, my_ok, divisor)
-        my_k = _key(s)
-        before = (k[None, :] > my_k[:, None]) | ((k[None, :] == my_k[:, None]) & (ids[None, :] < my_ids[:, None]))
-        rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
-        vals = tl.where((~use_raw) & (rank >= count), float("-inf"), (s - shift) - log_z)
-        store = my_ok & (rank < K)
-        tl.store(ids_out + row * K + rank, my_ids.to(tl.int64), mask=store)
-        tl.store(vals_out + row * K + rank, vals, mask=store)
-
-
 def filtered_sample(logits: torch.Tensor, raw_logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                     top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                     use_raw: torch.Tensor, num_top: int, filters: bool = True,
@@ -454,14 +358,6 @@ def filtered_sample(logits: torch.Tensor, raw_logits: torch.Tensor, temperature:
     _pick_kernel[row_grid](*work_args, raw_logits, raw_logits.stride(0), temperature, min_p, use_raw, rf, ri, mp, gb,
                            gi, chunks, token_ids, logprobs, MAX_CHUNKS=max_chunks, num_warps=1)
     if num_top:
-        raw_args = (raw_logits, raw_logits.stride(0))
-        run_passes(logits, raw_logits, temperature, l_si, l_sf, cand_s, cand_id, CHUNK, CAP)
-        _top_done_kernel[row_grid](*work_args, *raw_args, vocab, temperature, ri, l_si, l_sf, cand_s, **search)
-        padded = max(2, triton.next_power_of_2(num_top))
-        slots = torch.empty(rows, chunks, padded, **i32)
-        _slots_kernel[grid](*work_args, *raw_args, vocab, temperature, use_raw, ri, slots, K=num_top, KP=padded,
-                            CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
-        n = max(32, triton.next_power_of_2(chunks * padded))
-        _rank_kernel[row_grid](*work_args, *raw_args, temperature, use_raw, rf, ri, slots, chunks * padded, top_ids,
-                               top_logprobs, K=num_top, N=n, RB=32, num_warps=4)
+        rank_top_logprobs(logits, raw_logits, temperature, use_raw, rf, ri, l_si, l_sf, cand_s, cand_id, top_ids,
+                          top_logprobs, CHUNK, CAP)
     return token_ids, logprobs, top_ids, top_logprobs

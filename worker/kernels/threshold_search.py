@@ -27,11 +27,14 @@ import triton.language as tl
 
 CHUNK = 8192  # tokens per program of the chunk-parallel passes
 SEARCH_BLOCK = 256  # tokens per iteration of a bucket pass ([SEARCH_BLOCK, NB] tiles)
+BLOCK = 1024  # tokens per iteration of a chunk's streaming loops (compaction; the sampler's chunk kernels)
+ROW_BLOCK = 256  # tokens per iteration of a per-row search ([ROW_BLOCK, NB] tiles; `finish_search`)
 NB = 16  # buckets per pass
 VALUE_PASSES = 2  # passes that split the value range evenly before splitting the key range
 PASSES = 3  # chunk-parallel bucket passes before the compaction
 CAP = 2048  # candidates per row
 INT_MAX = tl.constexpr(2147483647)
+STATES = PASSES + 1  # search states per row: the initial one and one after each bucket pass
 
 
 @triton.jit
@@ -52,6 +55,25 @@ def _key(s):
 def _value(key):
     """The float32 value of a key (inverse of `_key`)."""
     return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _init_search(si, sf, row, active, lo, hi, target, by_mass, tie_key, raw_src, tie_scale, m,
+                 STATES: tl.constexpr):
+    """Write state 0 of a search (see `worker.kernels.threshold_search`); flags are int32 0 / 1."""
+    base_i, base_f = si + row * STATES * 8, sf + row * STATES * 4
+    tl.store(base_i, lo * 0 + active)
+    tl.store(base_i + 1, lo)
+    tl.store(base_i + 2, hi)
+    tl.store(base_i + 3, lo * 0)
+    tl.store(base_i + 4, lo * 0 + by_mass)
+    tl.store(base_i + 5, tie_key)
+    tl.store(base_i + 6, lo * 0 + raw_src)
+    tl.store(base_i + 7, lo * 0)
+    tl.store(base_f, m * 0.0)
+    tl.store(base_f + 1, m * 0.0 + target)  # (scalars may be Python numbers: stored as tensors)
+    tl.store(base_f + 2, m * 0.0 + tie_scale)
+    tl.store(base_f + 3, m)
 
 
 @triton.jit
@@ -330,7 +352,7 @@ def run_passes(work, raw, temperature, si, sf, cand_s, cand_id, chunk: int, cap:
     chunks of `chunk` tokens, keeping at most `cap` candidates per row."""
     rows, vocab = work.shape
     num_chunks = triton.cdiv(vocab, chunk)
-    states = PASSES + 1
+    states = STATES
     hist_i = work.new_empty((2, rows, num_chunks, NB), dtype=torch.int32)
     hist_f = work.new_empty((2, rows, num_chunks, NB), dtype=torch.float32)
     max_chunks = max(2, triton.next_power_of_2(num_chunks))
@@ -339,5 +361,5 @@ def run_passes(work, raw, temperature, si, sf, cand_s, cand_id, chunk: int, cap:
         _bucket_kernel[(rows, num_chunks)](*args, p, rows, STATES=states, NB=NB, MAX_CHUNKS=max_chunks, CHUNK=chunk,
                                            SEARCH_BLOCK=SEARCH_BLOCK, VALUE_PASSES=VALUE_PASSES, num_warps=4)
     _compact_kernel[(rows, num_chunks)](*args, cand_s, cand_id, rows, STATES=states, NB=NB, MAX_CHUNKS=max_chunks,
-                                        CHUNK=chunk, BLOCK=1024, CAP=cap, VALUE_PASSES=VALUE_PASSES,
+                                        CHUNK=chunk, BLOCK=BLOCK, CAP=cap, VALUE_PASSES=VALUE_PASSES,
                                         num_warps=4)
