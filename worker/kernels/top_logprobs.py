@@ -93,7 +93,8 @@ def _rank_kernel(work_ptr, stride_work, raw_ptr, stride_raw, temp_ptr, raw_mode_
 
 def top_logprobs(logits: torch.Tensor, raw_logits: torch.Tensor, temperature: torch.Tensor, use_raw: torch.Tensor,
                  rf: torch.Tensor, ri: torch.Tensor, si: torch.Tensor, sf: torch.Tensor, cand_s: torch.Tensor,
-                 cand_id: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, chunk: int, cap: int) -> None:
+                 cand_id: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, chunk: int,
+                 cap: int) -> None:
     """Fill top_ids / top_logprobs [S, K] (K >= 1) after the sampler's pick (rf / ri hold its per-row results,
     si / sf state 0 of the top-logprobs search; cand_s / cand_id are the search's candidate buffers of `cap`
     per row; the chunk kernels cover `chunk` tokens each)."""
