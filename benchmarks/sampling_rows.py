@@ -7,7 +7,8 @@ logprobs, and per-prompt max_tokens uniform in --min-output..--max-output (128..
 sampling settings: plain, top_p=0.95, top_k=50, min_p=0.05, top_logprobs=5, repetition_penalty=1.1. Each row first
 runs a warm-up call whose max_tokens are spread over 1..64, so that the batch passes through every decode size and
 the row's CUDA graphs are captured before timing. Then --repeats rounds run every row in turn, each call on fresh
-prompts; it prints the median output tokens / s of each row and its ratio to the plain row.
+prompts; it prints each call's rate as it goes, then the median output tokens / s of each row and its ratio to the
+plain row.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def run_rows(args, vocab: int) -> dict[str, float]:
     rng, rates = random.Random(0), {}
     for settings in ROWS.values():
         timed_call(engine, *batch(args, vocab, rng, settings, (1, min(64, args.max_output))))
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for row, settings in ROWS.items():
             rate = timed_call(engine, *batch(args, vocab, rng, settings, (args.min_output, args.max_output)))
             rates.setdefault(row, []).append(rate)
+            print(f"call {repeat + 1}/{args.repeats} {row}: {rate:.0f} output tok/s", flush=True)
     engine.shutdown()
     return {row: statistics.median(r) for row, r in rates.items()}
 
@@ -87,8 +89,8 @@ def main() -> None:
     for row, rate in rates.items():
         print(f"{row:<24} {rate:13.0f} {rate / rates['plain']:8.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d"), device=device,
-                                                   commit=git_commit(), tok_s=rates, **vars(args)), indent=2))
+        facts = vars(args) | dict(date=time.strftime("%Y-%m-%d"), device=device, commit=git_commit(), tok_s=rates)
+        Path(args.json).write_text(json.dumps(facts, indent=2))
 
 
 if __name__ == "__main__":

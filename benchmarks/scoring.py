@@ -61,8 +61,8 @@ def main() -> None:
     prefill, scoring = rates.values()
     print(f"scoring / prefill: {scoring / prefill:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d"), device=device,
-                                                   commit=git_commit(), tok_s=rates, **vars(args)), indent=2))
+        facts = vars(args) | dict(date=time.strftime("%Y-%m-%d"), device=device, commit=git_commit(), tok_s=rates)
+        Path(args.json).write_text(json.dumps(facts, indent=2))
 
 
 if __name__ == "__main__":
