@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 8192  # tokens per program of the chunk-parallel passes
-SEARCH_BLOCK = 256  # tokens per iteration of a bucket pass ([SEARCH_BLOCK, NB] tiles)
+SEARCH_BLOCK = 128  # tokens per iteration of a bucket pass ([SEARCH_BLOCK, NB] tiles, per-lane tallies)
 BLOCK = 1024  # tokens per iteration of a chunk's streaming loops (compaction; the sampler's chunk kernels)
 ROW_BLOCK = 256  # tokens per iteration of a per-row search ([ROW_BLOCK, NB] tiles; `finish_search`)
 NB = 16  # buckets per pass
@@ -122,9 +122,10 @@ def _narrow(cnt, mass, kmin, kmax, by_mass, above_cnt, above_mass, target, NB: t
 
 @triton.jit
 def _tally_at_or_above(k, e, inside, qs, cnt, mass):
-    """Add the tokens (keys k, weights e, where `inside`) to the count and weight at or above each pivot of qs."""
+    """Add the tokens (keys k, weights e, where `inside`) to the per-lane count and weight at or above each pivot
+    of qs (cnt / mass are [lanes, NB] tiles, summed over the lanes once at the end of the chunk)."""
     ge = inside[:, None] & (k[:, None] >= qs[None, :])
-    return cnt + tl.sum(ge.to(tl.int32), axis=0), mass + tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+    return cnt + ge.to(tl.int32), mass + tl.where(ge, e[:, None], 0.0)
 
 
 @triton.jit
@@ -249,8 +250,8 @@ def _bucket_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
         divisor = tl.where(temp == 0.0, 1.0, temp)
         work, raw = work_ptr + row * stride_work, raw_ptr + row * stride_raw
         qs = _pivots(lo, hi, p, tl.arange(0, NB), NB, VALUE_PASSES)
-        cnt = tl.zeros([NB], tl.int32)
-        mass = tl.zeros([NB], tl.float32)
+        cnt = tl.zeros([SEARCH_BLOCK, NB], tl.int32)
+        mass = tl.zeros([SEARCH_BLOCK, NB], tl.float32)
         end = tl.minimum(vocab, (chunk + 1) * CHUNK)
         for start in range(chunk * CHUNK, end, SEARCH_BLOCK):
             cols = start + tl.arange(0, SEARCH_BLOCK)
@@ -261,8 +262,8 @@ def _bucket_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, 
                 e = tl.exp(s - m) * tl.where(k == tie_key, tie_scale, 1.0)
                 cnt, mass = _tally_at_or_above(k, e, inside, qs, cnt, mass)
         out = (((p % 2) * rows + row) * num_chunks + chunk) * NB + tl.arange(0, NB)
-        tl.store(hist_i + out, cnt)
-        tl.store(hist_f + out, mass)
+        tl.store(hist_i + out, tl.sum(cnt, axis=0))
+        tl.store(hist_f + out, tl.sum(mass, axis=0))
 
 
 @triton.jit
