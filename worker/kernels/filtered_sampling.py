@@ -37,21 +37,37 @@ MAX_TOP_LOGPROBS = 64
 
 
 @triton.jit
+def _online(m, z, x):
+    """Per lane: the running max m and sum z of exp(. - m) with the values x added (-inf values add nothing)."""
+    m_new = tl.maximum(m, x)
+    shift = tl.where(m_new > float("-inf"), m_new, 0.0)  # (no -inf - -inf)
+    return m_new, z * tl.exp(m - shift) + tl.exp(x - shift)
+
+
+@triton.jit
+def _merged(m, z):
+    """The chunk's max and sum of exp(. - max) from the lanes' running ones."""
+    top = tl.max(m, axis=0)
+    return top, tl.sum(z * tl.exp(m - tl.where(top > float("-inf"), top, 0.0)), axis=0)
+
+
+@triton.jit
 def _stats_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, cf, ci,
                   SEPARATE_RAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Per chunk, of s: max, sum exp(s - max), first argmax, finite count, smallest finite key; of the raw
-    logits: max, sum exp(x - max), smallest key."""
+    logits: max, sum exp(x - max), smallest key. Each lane keeps its own running values; they are reduced
+    once at the end."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     divisor = tl.where(temp == 0.0, 1.0, temp)
     work, raw = work_ptr + row * stride_work, raw_ptr + row * stride_raw
-    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-    z = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    z = tl.zeros([BLOCK], tl.float32)
     m_raw, z_raw = m, z
-    best_index = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    best_index = tl.zeros([BLOCK], tl.int32)
     finite = best_index
-    low = tl.max(tl.full([BLOCK], 2147483647, tl.int32), axis=0)
+    low = tl.full([BLOCK], 2147483647, tl.int32)
     low_raw = low
     end = tl.minimum(vocab, (chunk + 1) * CHUNK)
     for start in range(chunk * CHUNK, end, BLOCK):
@@ -62,29 +78,25 @@ def _stats_kernel(work_ptr, stride_work, raw_ptr, stride_raw, vocab, temp_ptr, c
             x = tl.load(raw + cols, mask=ok, other=float("-inf")).to(tl.float32)
         else:
             x = tl.load(work + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        tile_best = tl.max(s, axis=0)
-        best_index = tl.where(tile_best > m, start + tl.argmax(s, axis=0), best_index)
-        m_new = tl.maximum(m, tile_best)
-        z = tl.where(m_new > float("-inf"), z * tl.exp(m - m_new), 0.0) + tl.sum(
-            tl.where(s > float("-inf"), tl.exp(s - m_new), 0.0), axis=0)
-        m = m_new
-        raw_new = tl.maximum(m_raw, tl.max(x, axis=0))
-        z_raw = tl.where(raw_new > float("-inf"), z_raw * tl.exp(m_raw - raw_new), 0.0) + tl.sum(
-            tl.where(x > float("-inf"), tl.exp(x - raw_new), 0.0), axis=0)
-        m_raw = raw_new
+        best_index = tl.where(s > m, cols, best_index)  # each lane's first argmax
+        m, z = _online(m, z, s)
+        m_raw, z_raw = _online(m_raw, z_raw, x)
         is_finite = s > float("-inf")
-        finite += tl.sum(is_finite.to(tl.int32), axis=0)
-        low = tl.minimum(low, tl.min(tl.where(is_finite, _key(s), 2147483647), axis=0))
-        low_raw = tl.minimum(low_raw, tl.min(tl.where(ok, _key(tl.where(x == 0.0, 0.0, x)), 2147483647), axis=0))
+        finite += is_finite.to(tl.int32)
+        low = tl.minimum(low, tl.where(is_finite, _key(s), 2147483647))
+        low_raw = tl.minimum(low_raw, tl.where(ok, _key(tl.where(x == 0.0, 0.0, x)), 2147483647))
+    top, z = _merged(m, z)
+    top_raw, z_raw = _merged(m_raw, z_raw)
+    first = tl.min(tl.where(m == top, best_index, 2147483647), axis=0)
     out = (row * tl.num_programs(1) + chunk) * 4
-    tl.store(cf + out, m)
+    tl.store(cf + out, top)
     tl.store(cf + out + 1, z)
-    tl.store(cf + out + 2, m_raw)
+    tl.store(cf + out + 2, top_raw)
     tl.store(cf + out + 3, z_raw)
-    tl.store(ci + out, best_index)
-    tl.store(ci + out + 1, finite)
-    tl.store(ci + out + 2, low)
-    tl.store(ci + out + 3, low_raw)
+    tl.store(ci + out, tl.where(top > float("-inf"), first, chunk * CHUNK))
+    tl.store(ci + out + 1, tl.sum(finite, axis=0))
+    tl.store(ci + out + 2, tl.min(low, axis=0))
+    tl.store(ci + out + 3, tl.min(low_raw, axis=0))
 
 
 @triton.jit
@@ -218,18 +230,18 @@ def _min_p_kernel(work_ptr, stride_work, vocab, temp_ptr, min_p_ptr, rf, ri, mp,
         divisor = tl.where(temp == 0.0, 1.0, temp)
         m, kept_mass = tl.load(rfo + M), tl.load(rfo + KEPT_MASS)
         t, cutoff = tl.load(rio + T), tl.load(rio + CUTOFF)
-        count = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-        mass = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        count = tl.zeros([BLOCK], tl.int32)  # per lane, reduced once at the end
+        mass = tl.zeros([BLOCK], tl.float32)
         end = tl.minimum(vocab, (chunk + 1) * CHUNK)
         for start in range(chunk * CHUNK, end, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             s = _scaled(work_ptr + row * stride_work, cols, cols < end, divisor)
             keep = _kept(s, cols, m, t, cutoff, kept_mass, min_p) & (cols < end)
-            count += tl.sum(keep.to(tl.int32), axis=0)
-            mass += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
+            count += keep.to(tl.int32)
+            mass += tl.where(keep, tl.exp(s - m), 0.0)
         out = (row * tl.num_programs(1) + chunk) * 2
-        tl.store(mp + out, count.to(tl.float32))
-        tl.store(mp + out + 1, mass)
+        tl.store(mp + out, tl.sum(count, axis=0).to(tl.float32))
+        tl.store(mp + out + 1, tl.sum(mass, axis=0))
 
 
 @triton.jit
@@ -261,8 +273,8 @@ def _gumbel_kernel(work_ptr, stride_work, vocab, temp_ptr, min_p_ptr, seed_ptr, 
         high = seed >> 32
         low = _mix64(_mix64((seed & mask) ^ _mix64(high)) ^ (tl.load(step_ptr + row) & mask))
         key_high, key_low = _mix64(high ^ low).to(tl.uint32), low.to(tl.uint32)
-        best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-        best_index = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane, reduced once at the end
+        best_index = tl.zeros([BLOCK], tl.int32)
         end = tl.minimum(vocab, (chunk + 1) * CHUNK)
         for start in range(chunk * CHUNK, end, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -271,12 +283,13 @@ def _gumbel_kernel(work_ptr, stride_work, vocab, temp_ptr, min_p_ptr, seed_ptr, 
             bits = _mix32(key_high ^ _mix32(key_low ^ _mix32(cols.to(tl.uint32) + 0x9E3779B9)))
             u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             v = tl.where(keep, ((s - m) - log_z) + -tl.log(-tl.log(u)), float("-inf"))
-            tile_best = tl.max(v, axis=0)
-            best_index = tl.where(tile_best > best, start + tl.argmax(v, axis=0), best_index)
-            best = tl.maximum(best, tile_best)
+            best_index = tl.where(v > best, cols, best_index)
+            best = tl.maximum(best, v)
+        top = tl.max(best, axis=0)
+        first = tl.min(tl.where(best == top, best_index, 2147483647), axis=0)
         out = row * tl.num_programs(1) + chunk
-        tl.store(gb + out, best)
-        tl.store(gi + out, best_index)
+        tl.store(gb + out, top)
+        tl.store(gi + out, tl.where(top > float("-inf"), first, 0))
 
 
 @triton.jit
