@@ -17,6 +17,8 @@ against the same samples sent as separate prompts (each prompt --n times with n=
 run. After a warm-up call of each, the two alternate for --repeats calls each, on
 fresh random prompts every call (no prefix-cache hits across calls); it prints the
 median output tokens / s of each. `--device cpu` runs it on the CPU (e.g. a tiny config).
+The issue-14 rows (the GRPO batch under each sampling setting, side by side) are
+benchmarks/sampling_rows.py.
 
 Async API (issue 12): `--api async` runs the chosen workload through AsyncRolloutEngine (one
 concurrent `generate` per prompt) beside the synchronous `generate` in the same run, and the

@@ -12,11 +12,11 @@ from rollout.config import EngineConfig
 from rollout.routes import RoutedRows
 from rollout.sampling_params import SamplingParams
 from rollout.scheduler import ScheduledSeq, Scheduler, StepPlan
-from rollout.sequence import Sequence, Status
+from rollout.sequence import PromptScores, Sequence, Status
 from rollout.serving import ServingWeights
 from rollout.stopping import StopRules
 from worker.sampler import sample_seed
-from worker.steps import Batch, Round, SamplingInfo, SeqChunk
+from worker.steps import Batch, PenaltyInfo, Round, SamplingInfo, SeqChunk
 from worker.worker import Worker
 
 
@@ -90,6 +90,8 @@ class EngineCore:
                            max_output=len(done.token_ids) + params.max_tokens, logprobs=list(done.logprobs),
                            top_logprobs=list(done.top_logprobs), weight_versions=list(done.weight_versions))
             self._next_seq_id += 1
+            if params.prompt_logprobs is not None and not seqs:  # the first sample scores the prompt, once
+                seq.scores = PromptScores.for_prompt(len(prompt), params.prompt_logprobs)
             if params.return_routed_experts:
                 seq.routes = self._routed_rows(len(prompt) + len(done.token_ids))
                 if done.routed_experts is not None:
@@ -159,12 +161,14 @@ class EngineCore:
         routes = launched.round.routed_experts()
         version = self.serving.version
         progress, row, token = [], 0, 0
-        for item in launched.plan.items:
+        for index, item in enumerate(launched.plan.items):
             seq, r, t = item.seq, row, token
             row += item.samples
             token += item.num_new
             if seq.finished:  # aborted meanwhile, or stopped in the round before (this one ran for nothing)
                 continue
+            if index in outputs[0].prompt_logprobs:
+                seq.scores.put(seq.num_computed, *outputs[0].prompt_logprobs[index])
             if not item.samples:  # a prefill chunk before the prompt's last
                 if seq.routes is not None:
                     seq.routes.put(seq.num_computed, routes[0, t : t + item.num_new])
@@ -192,6 +196,9 @@ class EngineCore:
         seq = item.seq
         start = seq.num_computed
         chunk = SeqChunk(seq.token_ids[start : start + item.num_new], start, list(seq.block_table))
+        if seq.scoring:  # prompt token i + 1 is scored at row i
+            end = min(start + item.num_new, seq.prompt_len - 1)
+            chunk.score_targets, chunk.score_top = seq.token_ids[start + 1 : end + 1], seq.scores.top
         if item.samples:
             p = seq.params
             chunk.sampling = SamplingInfo(
@@ -200,5 +207,16 @@ class EngineCore:
                 logprobs_mode=p.logprobs_mode if (p.logprobs or p.top_logprobs) else None,
                 top_logprobs=p.top_logprobs,
                 banned_token_ids=sorted(self.stops.stop_ids(p)) if seq.num_output < p.min_tokens else [],
+                min_tokens=p.min_tokens,
+                penalties=_penalties(seq),
             )
         return chunk
+
+
+def _penalties(seq: Sequence) -> Optional[PenaltyInfo]:
+    """The sequence's penalties and the tokens they count (None when it has none)."""
+    p = seq.params
+    if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        return None
+    return PenaltyInfo(p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                       seq.token_ids[: seq.prompt_len], seq.token_ids[seq.prompt_len:])

@@ -75,6 +75,12 @@ class RolloutOutput(BaseModel):
     request_id: str
     prompt_token_ids: list[int]
     samples: list[Sample]
+    prompt_logprobs: Optional[list[float]] = Field(
+        None, description="With prompt_logprobs: the raw logprob of every prompt token after the first, under the "
+        "weights that computed it (len(prompt_token_ids) - 1 entries).")
+    prompt_top_logprobs: Optional[list[dict[int, float]]] = Field(
+        None, description="With prompt_logprobs=k > 0: at every prompt token after the first, the k most likely "
+        "tokens and their raw logprobs.")
 
 
 class SampleDelta(BaseModel):

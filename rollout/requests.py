@@ -146,8 +146,12 @@ def sample_delta(seq: Sequence, start: int) -> SampleDelta:
 
 def rollout_output(request: Request, tokenizer, serving_version: int) -> RolloutOutput:
     """The request's finished samples, in sample order."""
+    scores = next((seq.scores for seq in request.seqs if seq.scores is not None), None)
     return RolloutOutput(request_id=request.request_id, prompt_token_ids=request.prompt,
-                         samples=[_sample(seq, tokenizer, serving_version) for seq in request.seqs])
+                         samples=[_sample(seq, tokenizer, serving_version) for seq in request.seqs],
+                         prompt_logprobs=None if scores is None else scores.logprobs[: scores.num_scored],
+                         prompt_top_logprobs=scores.top_logprobs[: scores.num_scored]
+                         if scores is not None and scores.top else None)
 
 
 def _sample(seq: Sequence, tokenizer, serving_version: int) -> Sample:

@@ -61,7 +61,8 @@ class SamplingParams(BaseModel):
     top_k: Int = Field(-1, le=MAX_TOP_K, description="Keep the k most likely tokens; -1 or 0 = all.")
     top_p: Float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with this much mass.")
     min_p: Float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p * p(most likely).")
-    max_tokens: Int = Field(16, ge=1, description="Most new tokens per completion.")
+    max_tokens: Int = Field(16, ge=0, description="Most new tokens per completion; 0 only with prompt_logprobs "
+                            "(scores the prompt, generates nothing).")
     min_tokens: Int = Field(0, ge=0, description="Stop conditions are ignored until this many tokens are out.")
     stop_token_ids: list[Int] = Field(default_factory=list, description="Extra token ids that end a completion.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a completion (needs a tokenizer).")
@@ -72,6 +73,18 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(False, description="Return the logprob of every sampled token.")
     logprobs_mode: Literal["processed", "raw"] = Field("processed", description="Distribution the logprobs are of.")
     top_logprobs: Int = Field(0, ge=0, le=64, description="Also return this many most likely (token, logprob) pairs.")
+    repetition_penalty: Float = Field(
+        1.0, gt=0.0, allow_inf_nan=False,
+        description="> 0; tokens of the prompt or the output so far have positive logits divided by it and negative "
+        "ones multiplied (1 = off; vLLM's definition, before temperature).")
+    presence_penalty: Float = Field(
+        0.0, ge=-2.0, le=2.0, description="-2 to 2: subtracted from the logit of every token already in the output.")
+    frequency_penalty: Float = Field(
+        0.0, ge=-2.0, le=2.0,
+        description="-2 to 2: times the number of occurrences in the output so far, subtracted from the logit.")
+    prompt_logprobs: Optional[Int] = Field(
+        None, ge=0, description="Score the prompt: `RolloutOutput.prompt_logprobs` (the raw logprob of every prompt "
+        "token after the first) and, when > 0, `prompt_top_logprobs` (that many most likely tokens at each).")
     return_routed_experts: bool = Field(
         False, description="Mixture-of-experts models: return `Sample.routed_experts`, the experts each token of "
         "prompt + output[:-1] was routed to in every MoE layer (see README, Mixture of experts)."
@@ -105,6 +118,8 @@ class SamplingParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_min_max(self) -> "SamplingParams":
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens=0 needs prompt_logprobs (scoring without generating); else max_tokens >= 1")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} must not exceed max_tokens={self.max_tokens}")
         return self

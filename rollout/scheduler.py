@@ -12,7 +12,7 @@ preempted: its blocks are freed and it is recomputed later from its prompt plus
 the tokens it already produced.
 
 The scheduler also plans decode rounds: when every running sequence decodes
-with plain sampling and nothing waits for a slot, one step may run several
+(any sampling settings) and nothing waits for a slot, one step may run several
 decode steps back to back on the device (`num_decode_steps`), and the next round
 for the same sequences may be queued behind it before its tokens are read
 (`follow_up`).
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rollout.block_manager import BlockManager
-from rollout.sampling_params import SamplingParams
 from rollout.sequence import Sequence, Status
 
 
@@ -112,16 +111,15 @@ class Scheduler:
         return StepPlan(plan.items, steps)
 
     def _round_steps(self) -> int:
-        """Decode steps the next step may run back to back (1 unless every running sequence decodes with
-        plain sampling past min_tokens, nothing waits for a slot and the round's blocks fit)."""
+        """Decode steps the next step may run back to back (1 unless every running sequence decodes, nothing
+        waits for a slot and the round's blocks fit)."""
         if self.num_decode_steps == 1 or not self.running or self._slot_wanted():
             return 1
         if len(self.running) > self.max_num_batched_tokens:
             return 1
         limit, longest = self.num_decode_steps, 0
         for seq in self.running:
-            p = seq.params
-            if seq.num_tokens - seq.num_computed != 1 or not plain_sampling(p) or seq.num_output < p.min_tokens:
+            if seq.num_tokens - seq.num_computed != 1:
                 return 1
             limit = min(limit, self.max_model_len - seq.num_tokens + 1)
             longest = max(longest, seq.max_output - seq.num_output)
@@ -163,7 +161,7 @@ class Scheduler:
             if seq.group in filling:
                 deferred.append(seq)
                 continue
-            hits = self.blocks.match_prefix(seq)
+            hits = [] if seq.scoring else self.blocks.match_prefix(seq)
             num_new = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
             if self.blocks.blocks_needed(seq, num_new, hits) > self.blocks.num_free:
                 self.waiting.appendleft(seq)
@@ -225,7 +223,3 @@ class Scheduler:
             self.blocks.reset_prefix_cache()
         return dropped
 
-
-def plain_sampling(p: SamplingParams) -> bool:
-    """Sampling the device's fused sampler covers: temperature or greedy, no filters or top logprobs."""
-    return p.top_k <= 0 and p.top_p >= 1.0 and p.min_p == 0 and not p.top_logprobs

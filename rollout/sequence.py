@@ -17,6 +17,33 @@ class Status(enum.Enum):
 
 
 @dataclass
+class PromptScores:
+    """Prompt logprobs of one request, filled chunk by chunk: entry i is prompt token i + 1's raw logprob and
+    its `top` most likely (token, logprob) pairs (i = 0 .. prompt length - 2)."""
+
+    top: int
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    num_scored: int = 0
+
+    @classmethod
+    def for_prompt(cls, prompt_len: int, top: int) -> "PromptScores":
+        n = max(prompt_len - 1, 0)
+        return cls(top, [0.0] * n, [{} for _ in range(n)] if top else [])
+
+    @property
+    def done(self) -> bool:
+        return self.num_scored >= len(self.logprobs)
+
+    def put(self, start: int, logprobs: list[float], top: list[list[tuple[int, float]]]) -> None:
+        """Entries start .. start + len(logprobs) - 1 (a recomputed chunk writes the same values again)."""
+        self.logprobs[start : start + len(logprobs)] = logprobs
+        if self.top:
+            self.top_logprobs[start : start + len(top)] = [dict(t) for t in top]
+        self.num_scored = max(self.num_scored, start + len(logprobs))
+
+
+@dataclass
 class Sequence:
     """Tokens (prompt + output so far), how many are in the KV cache, and the blocks holding them.
 
@@ -48,6 +75,12 @@ class Sequence:
     stop_reason: Optional[int | str] = None
     text: Optional[str] = None
     routes: Optional[RoutedRows] = None  # with return_routed_experts (see rollout/routes.py)
+    scores: Optional[PromptScores] = None  # with prompt_logprobs: on the request's first sample only
+
+    @property
+    def scoring(self) -> bool:
+        """Whether it has prompt tokens left to score (it then computes its whole prompt: no prefix-cache hits)."""
+        return self.scores is not None and not self.scores.done
 
     @property
     def num_tokens(self) -> int:

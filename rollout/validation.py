@@ -133,5 +133,8 @@ def _check_params(label: str, p: SamplingParams, tokenizer: Optional[object], vo
     bad = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"{label}: stop_token_ids must be in [0, {vocab_size}); got {bad}")
+    if p.prompt_logprobs is not None and p.prompt_logprobs > vocab_size:
+        raise InvalidRequestError(f"{label}: prompt_logprobs={p.prompt_logprobs} exceeds the vocabulary size "
+                                  f"{vocab_size}")
     if p.top_logprobs > vocab_size:
         raise InvalidRequestError(f"{label}: top_logprobs={p.top_logprobs} exceeds the vocabulary size {vocab_size}")

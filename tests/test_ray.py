@@ -70,8 +70,13 @@ def test_tensor_parallel_actors_match_one_process(checkpoint_dir):
     (group,) = created_groups() - before  # the engine's own; other tests' groups may still be going away
     assert holds_resources(group)
     try:
-        expected = RolloutEngine(model=path, **CONFIG).generate(PROMPTS, GREEDY, use_tqdm=False)
-        assert tokens(engine.generate(PROMPTS, GREEDY)) == tokens(expected)
+        local = RolloutEngine(model=path, **CONFIG)
+        assert tokens(engine.generate(PROMPTS, GREEDY)) == tokens(local.generate(PROMPTS, GREEDY, use_tqdm=False))
+        scored = SamplingParams(max_tokens=0, prompt_logprobs=1)  # prompt scoring through the rank actors
+        for got, want in zip(engine.generate(PROMPTS, scored), local.generate(PROMPTS, scored, use_tqdm=False)):
+            assert [list(t) for t in got.prompt_top_logprobs] == [list(t) for t in want.prompt_top_logprobs]
+            assert got.prompt_logprobs == pytest.approx(want.prompt_logprobs, abs=1e-4)
+            assert len(got.prompt_logprobs) == len(got.prompt_token_ids) - 1
         with pytest.raises(ValueError, match="pause_mode='keep' needs tensor_parallel_size=1"):
             engine.update_weights(pause_mode="keep")
     finally:

@@ -165,12 +165,14 @@ def test_model_runner_sampling_tensors_follow_sampling_info():
         dict(temperature=0.0, top_k=-1, top_p=1.0, min_p=0.0),
         dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, logprobs_mode="processed", top_logprobs=2),
         dict(temperature=0.7, top_k=5, top_p=1.0, min_p=0.0, logprobs_mode="raw"),
-        dict(temperature=1.0, top_k=-1, top_p=0.8, min_p=0.1, top_logprobs=4, banned_token_ids=[0, 1, 2]),
+        dict(temperature=1.0, top_k=-1, top_p=0.8, min_p=0.1, top_logprobs=4, banned_token_ids=[0, 1, 2],
+             min_tokens=3),
     ]
     reps = 500
     infos = [SamplingInfo(seed=31 * i + 7, step=i % 3, **kinds[i % len(kinds)]) for i in range(reps * len(kinds))]
     fake = SimpleNamespace(vocab_size=V, device=torch.device("cpu"))
     fake._tensor = lambda values, dtype=torch.int64: ModelRunner._tensor(fake, values, dtype)
+    fake._top_k, fake._top_p = (lambda info: ModelRunner._top_k(fake, info)), ModelRunner._top_p
     tensors = ModelRunner._sampling_tensors(fake, infos)
     assert tensors.max_top_logprobs == 4 and tensors.needs_sort and tensors.needs_min_p
     logits = random_logits(41, len(kinds))

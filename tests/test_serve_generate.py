@@ -68,6 +68,18 @@ def test_generate_equals_engine_streamed_or_not_and_continues_partials(live, tex
     assert got["weight_versions"] == [-1] * 4 + [0] * 6
 
 
+def test_generate_scores_input_ids(live, text_checkpoint):
+    """sampling_params.prompt_logprobs with max_tokens 0: the input's logprobs (those of the engine), no output."""
+    params = dict(max_tokens=0, prompt_logprobs=2)
+    want = reference_run(text_checkpoint, [PROMPT], SamplingParams(**params))[0]
+    got = post(live, "/generate", {"input_ids": PROMPT, "sampling_params": params}).json()
+    assert got["output_ids"] == [] and len(got["input_logprobs"]) == len(PROMPT) - 1
+    torch.testing.assert_close(torch.tensor(got["input_logprobs"]), torch.tensor(want.prompt_logprobs), atol=1e-4,
+                               rtol=0)
+    assert [[int(t) for t in top] for top in got["input_top_logprobs"]] == \
+        [list(top) for top in want.prompt_top_logprobs]
+
+
 def test_abort_request_ends_a_stream_with_abort(live):
     async def main():
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:

@@ -101,4 +101,19 @@ def test_bad_requests_are_400(client):
     with pytest.raises(openai.NotFoundError, match="tiny"):
         client.completions.create(model="other", prompt=[1, 2])
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.completions.create(model="tiny", prompt=[1, 2], frequency_penalty=0.5)
+        client.completions.create(model="tiny", prompt=[1, 2], frequency_penalty=2.5)
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        client.completions.create(model="tiny", prompt=[1, 2], extra_body=dict(repetition_penalty=0))
+
+
+def test_penalties_reach_the_engine(client, reference):
+    params = SamplingParams(max_tokens=10, seed=4, ignore_eos=True, logprobs=True, presence_penalty=0.5,
+                            frequency_penalty=1.0, repetition_penalty=1.4)
+    want = reference.generate(PROMPTS[:1], params)[0].samples[0]
+    plain = reference.generate(PROMPTS[:1], SamplingParams(max_tokens=10, seed=4, ignore_eos=True, logprobs=True))
+    assert want.logprobs != pytest.approx(plain[0].samples[0].logprobs, abs=1e-3)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10, seed=4, logprobs=0,
+                                    presence_penalty=0.5, frequency_penalty=1.0,
+                                    extra_body=dict(ignore_eos=True, repetition_penalty=1.4, return_token_ids=True))
+    assert got.choices[0].token_ids == want.token_ids
+    close(got.choices[0].logprobs.token_logprobs, want.logprobs)

@@ -1,4 +1,4 @@
-"""Tensor parallelism on CPU: two rank processes (gloo) give the same outputs as one process."""
+"""Tensor parallelism on CPU: two rank processes (gloo) give the same outputs (and prompt scores) as one process."""
 
 import multiprocessing as mp
 
@@ -12,13 +12,18 @@ from worker.parallel import TensorParallelInit
 PROMPTS = [[4, 8, 15, 16, 23, 42], [99] * 21, [7]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True, logprobs=True, n=2, seed=5)
+SCORED = SamplingParams(max_tokens=0, prompt_logprobs=2)
 
 
 def run(path, tensor_parallel=None, size=1):
+    """Per output: (token ids, logprobs) of each sample; for SCORED prompts one pair (the top-2 token ids at each
+    prompt position, the prompt logprobs)."""
     engine = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8,
                            tensor_parallel_size=size, tensor_parallel=tensor_parallel)
-    return [[(s.token_ids, s.logprobs) for s in o.samples]
-            for params in (GREEDY, SAMPLED) for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+    outputs = [[(s.token_ids, s.logprobs) for s in o.samples]
+               for params in (GREEDY, SAMPLED) for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+    return outputs + [[([list(top) for top in o.prompt_top_logprobs], o.prompt_logprobs)]
+                      for o in engine.generate(PROMPTS, SCORED, use_tqdm=False)]
 
 
 def tp_init(rank, port, secret, **fields):

@@ -8,9 +8,11 @@ from typing import Optional
 import torch
 
 from worker.attention import AttentionBackend, AttentionMetadata
-from worker.cuda_graphs import DecodeGraphs
+from worker.cuda_graphs import DecodeGraphs, GraphInputs, Mode
 from worker.models.llama import CausalLM, ForwardContext
-from worker.sampler import SamplerOutput, SamplingTensors, sample, torch_sample
+from worker.penalties import PenaltyTensors, fill_penalty_state
+from worker.sampler import SamplerOutput, SamplingTensors, sample
+from worker.scoring import score_rows
 from worker.steps import Batch, Round, SamplingInfo, SeqChunk, StepOutput
 
 
@@ -41,20 +43,21 @@ class ModelRunner:
         """Start the batch's step(s) (decode rounds run several, each step's tokens feeding the next)."""
         chunks = batch.chunks
         if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
-                len(c.token_ids) == 1 and c.sampling is not None for c in chunks):
+                len(c.token_ids) == 1 and c.sampling is not None and not c.score_targets for c in chunks):
             infos = [c.sampling for c in chunks]
-            if batch.num_steps == 1 or _plain(infos):
+            if self.graphs.fits(sum(len(i.banned_token_ids) for i in infos)):
                 return self._launch_graph(chunks, infos, batch.num_steps, batch.routed_experts)
         return self._run_eager(chunks, batch.num_steps, batch.routed_experts)
 
     @torch.inference_mode()
     def resume(self, previous: Round, num_steps: int, tables: list[list[int]]) -> Round:
-        """Run `num_steps` more decode steps of a round's sequences (plain sampling), queued behind it; `tables`
-        are their block tables, grown for the new steps."""
+        """Run `num_steps` more decode steps of a round's sequences, queued behind it; `tables` are their block
+        tables, grown for the new steps."""
         if previous.advanced_on_device:
             routes = [] if previous.with_routes else None
             out, _ = self.graphs.resume(tables, num_steps, routes)
-            return Round.started(out, num_steps, None if routes is None else torch.stack(routes))
+            return Round.started(out, num_steps, None if routes is None else torch.stack(routes),
+                                 previous.top_counts)
         last = previous.outputs()[-1].token_ids
         chunks = [replace(_advance(c, token), block_table=table)
                   for c, token, table in zip(previous.chunks, last, tables)]
@@ -78,9 +81,27 @@ class ModelRunner:
         if infos:
             logits = self.model.compute_logits(hidden[logits_rows])
             out = _to_step_output(sample(logits, self._sampling_tensors(infos)), infos)
+        if any(c.score_targets for c in chunks):
+            out.prompt_logprobs = self._score(chunks, hidden)
         if routes:  # after the sampler's copy: one wait for the device
             out.routed_experts = self.routes[: len(input_ids)].to("cpu", copy=True).numpy()
         return out
+
+    def _score(self, chunks: list[SeqChunk], hidden: torch.Tensor) -> dict:
+        """Prompt scores of the chunks with `score_targets` (their first rows), copied to the host."""
+        rows, targets, spans, start = [], [], {}, 0
+        for index, chunk in enumerate(chunks):
+            if chunk.score_targets:
+                spans[index] = (len(rows), len(chunk.score_targets), chunk.score_top)
+                rows.extend(range(start, start + len(chunk.score_targets)))
+                targets.extend(chunk.score_targets)
+            start += len(chunk.token_ids)
+        top = max(k for _, _, k in spans.values())
+        logprobs, ids, values = score_rows(self.model.compute_logits, hidden[self._tensor(rows)],
+                                           self._tensor(targets), top)
+        logprobs, ids, values = logprobs.tolist(), ids.tolist(), values.tolist()
+        return {index: (logprobs[r : r + n], [list(zip(ids[i][:k], values[i][:k])) for i in range(r, r + n)])
+                for index, (r, n, k) in spans.items()}
 
     def _recording(self, num_tokens: int) -> torch.Tensor:
         """The routed-experts recording buffer, grown to `num_tokens` rows (the model writes every forward's
@@ -103,16 +124,21 @@ class ModelRunner:
             [i.seed for i in infos],
             [i.step for i in infos],
             [int(i.logprobs_mode == "raw") for i in infos],
+            [self._top_k(i) for i in infos],
+            [i.min_tokens for i in infos],
         ]
+        floats = [[i.temperature for i in infos], [self._top_p(i) for i in infos], [i.min_p for i in infos]]
+        floats += [[getattr(i.penalties, name, default) for i in infos]
+                   for name, default in (("repetition", 1.0), ("presence", 0.0), ("frequency", 0.0))]
+        inputs = GraphInputs(ints, floats, [c.block_table for c in chunks], _mode(infos, self.vocab_size))
+        if inputs.mode is not None:
+            inputs.bans = [(r, tok) for r, i in enumerate(infos) for tok in i.banned_token_ids]
+            inputs.prompts = [i.penalties.prompt_ids if i.penalties else [] for i in infos]
+            inputs.outputs = [i.penalties.output_ids if i.penalties else [] for i in infos]
         routes = [] if with_routes else None
-        out, logits = self.graphs.replay(ints, [i.temperature for i in infos], [c.block_table for c in chunks],
-                                         num_steps, routes)
-        if not _plain(infos):
-            single = _to_step_output(torch_sample(logits, self._sampling_tensors(infos)), infos)
-            if with_routes:
-                single.routed_experts = routes[0].cpu().numpy()
-            return Round(1, ready=[single], with_routes=with_routes)
-        return Round.started(out, num_steps, None if routes is None else torch.stack(routes))
+        out, _ = self.graphs.replay(inputs, num_steps, routes)
+        return Round.started(out, num_steps, None if routes is None else torch.stack(routes),
+                             [i.top_logprobs for i in infos])
 
     def _prepare(self, chunks: list[SeqChunk]):
         tokens, positions, slots, starts, seq_lens, rows = [], [], [], [0], [], []
@@ -142,13 +168,20 @@ class ModelRunner:
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
+    def _top_k(self, info: SamplingInfo) -> int:
+        return info.top_k if 0 < info.top_k < self.vocab_size else self.vocab_size
+
+    @staticmethod
+    def _top_p(info: SamplingInfo) -> float:
+        return info.top_p if info.top_p < 1.0 else 2.0
+
     def _sampling_tensors(self, infos: list[SamplingInfo]) -> SamplingTensors:
-        banned = [(i, tok) for i, info in enumerate(infos) for tok in info.banned_token_ids]
+        banned = [(r, tok) for r, i in enumerate(infos) if i.step < i.min_tokens for tok in i.banned_token_ids]
         f32 = torch.float32
         return SamplingTensors(
             temperature=self._tensor([i.temperature for i in infos], f32),
-            top_k=self._tensor([i.top_k if i.top_k > 0 else self.vocab_size for i in infos]),
-            top_p=self._tensor([i.top_p if i.top_p < 1.0 else 2.0 for i in infos], f32),
+            top_k=self._tensor([self._top_k(i) for i in infos]),
+            top_p=self._tensor([self._top_p(i) for i in infos], f32),
             min_p=self._tensor([i.min_p for i in infos], f32),
             seeds=self._tensor([i.seed for i in infos]),
             steps=self._tensor([i.step for i in infos]),
@@ -158,21 +191,41 @@ class ModelRunner:
             needs_sort=any(0 < i.top_k < self.vocab_size or i.top_p < 1.0 for i in infos),
             needs_min_p=any(i.min_p > 0 for i in infos),
             max_top_logprobs=max(i.top_logprobs for i in infos),
+            penalties=self._penalties(infos) if any(i.penalties for i in infos) else None,
         )
 
+    def _penalties(self, infos: list[SamplingInfo]) -> PenaltyTensors:
+        """The rows' penalty settings and state, built on the device from their token lists."""
+        rows, f32 = len(infos), torch.float32
+        state = PenaltyTensors(
+            *(self._tensor([getattr(i.penalties, name, default) for i in infos], f32)
+              for name, default in (("repetition", 1.0), ("presence", 0.0), ("frequency", 0.0))),
+            output_counts=torch.empty(rows, self.vocab_size, dtype=torch.int32, device=self.device),
+            prompt_mask=torch.empty(rows, self.vocab_size, dtype=torch.bool, device=self.device))
+        fill_penalty_state(state.output_counts, state.prompt_mask,
+                           [i.penalties.prompt_ids if i.penalties else [] for i in infos],
+                           [i.penalties.output_ids if i.penalties else [] for i in infos])
+        return state
 
-def _plain(infos: list[SamplingInfo]) -> bool:
-    """No row uses top-k, top-p, min-p, banned tokens or top logprobs (the in-graph fused sampler suffices)."""
-    return not any(0 < i.top_k or i.top_p < 1.0 or i.min_p > 0 or i.banned_token_ids or i.top_logprobs
-                   for i in infos)
+
+def _mode(infos: list[SamplingInfo], vocab_size: int) -> Optional[Mode]:
+    """The graph mode that samples these rows; None when plain sampling does (no filters, bans, penalties or top
+    logprobs). Top logprobs round up to a power of two (fewer graphs)."""
+    filters = any(0 < i.top_k < vocab_size or i.top_p < 1.0 for i in infos)
+    min_p = any(i.min_p > 0 for i in infos)
+    top = max(i.top_logprobs for i in infos)
+    penalties = any(i.penalties is not None for i in infos)
+    if not (filters or min_p or top or penalties or any(i.banned_token_ids for i in infos)):
+        return None
+    return Mode(filters, min_p, 1 << (top - 1).bit_length() if top else 0, penalties)
 
 
 def _advance(chunk: SeqChunk, token: int) -> SeqChunk:
-    """The chunk of the next decode step: the token just sampled, one position on."""
+    """The chunk of the next decode step: the token just sampled, one position on (counted by the penalties)."""
+    info = chunk.sampling
+    penalties = info.penalties and replace(info.penalties, output_ids=info.penalties.output_ids + [token])
     return SeqChunk([token], chunk.start_pos + len(chunk.token_ids), chunk.block_table,
-                    replace(chunk.sampling, step=chunk.sampling.step + 1))
-
-
+                    replace(info, step=info.step + 1, penalties=penalties))
 def _to_step_output(out: SamplerOutput, infos: list[SamplingInfo]) -> StepOutput:
     """Copy one step's sampler results to the host (the step's one synchronisation) as Python values."""
     k = out.top_ids.shape[1]

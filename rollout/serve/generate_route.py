@@ -8,7 +8,9 @@ JSON bodies as the app's. The route is therefore not listed in the app's OpenAPI
 
 Not streamed, the answer is one object per sample (a list when n > 1) with `output_ids`, `output_logprobs`,
 per-token `weight_versions`, `finish_reason`; with `partial`, the output holds the earlier tokens followed by the
-new ones. Streamed, one event per delta (new tokens only), then [DONE]. With
+new ones. With `sampling_params.prompt_logprobs`, each object also has `input_logprobs` (every input token
+after the first) and `input_top_logprobs` (not streamed; `max_tokens: 0` scores without generating).
+Streamed, one event per delta (new tokens only), then [DONE]. With
 `sampling_params.return_routed_experts`, each object and event also has `routed_experts` ({"shape", "dtype":
 "int16", "data": base64}, see `encode_routed_experts`).
 """
@@ -34,6 +36,10 @@ def _job(s: ServerState, body: GenerateRequest) -> Job:
 async def _complete(s: ServerState, job: Job, receive):
     (output,) = await unless_client_leaves(receive, generate_all(s.engine, s, [job]))
     samples = [_sample(job.rid, j, sample) for j, sample in enumerate(output.samples)]
+    if output.prompt_logprobs is not None:  # with sampling_params.prompt_logprobs, on every object
+        for sample in samples:
+            sample.update(input_logprobs=_lps(output.prompt_logprobs),
+                          input_top_logprobs=_tops(output.prompt_top_logprobs))
     return samples[0] if len(samples) == 1 else samples
 
 

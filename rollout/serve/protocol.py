@@ -42,14 +42,12 @@ class SamplingFields(BaseModel):
     user: Optional[str] = None
     presence_penalty: Optional[Float] = None
     frequency_penalty: Optional[Float] = None
+    repetition_penalty: Optional[Float] = None
     best_of: Optional[Int] = None
     logit_bias: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported; leave it out or 0")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of is not supported; leave it out or equal to n ({self.n})")
         if self.logit_bias:
@@ -62,7 +60,8 @@ class SamplingFields(BaseModel):
                       min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, seed=self.seed,
                       stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
                       logprobs=logprobs is not None, top_logprobs=logprobs or 0)
-        for name in ("temperature", "top_p", "top_k", "min_p"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         return SamplingParams(**fields)
