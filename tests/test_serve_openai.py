@@ -117,3 +117,37 @@ def test_penalties_reach_the_engine(client, reference):
                                     extra_body=dict(ignore_eos=True, repetition_penalty=1.4, return_token_ids=True))
     assert got.choices[0].token_ids == want.token_ids
     close(got.choices[0].logprobs.token_logprobs, want.logprobs)
+
+
+def test_echo_scores_the_prompt_without_generating(client, reference):
+    """echo=True, max_tokens=0, logprobs=2 (how evaluation harnesses score a text): the prompt's tokens with their
+    logprobs (the first None) and top 2, equal to the engine's prompt_logprobs; the text is the prompt's."""
+    want = reference.generate(PROMPTS, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    got = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=0, echo=True, logprobs=2)
+    for choice, output in zip(got.choices, want):
+        tokens = [reference.tokenizer.decode([t]) for t in output.prompt_token_ids]
+        assert choice.text == "".join(tokens) and choice.logprobs.tokens == tokens
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+        close(choice.logprobs.token_logprobs[1:], output.prompt_logprobs)
+        for top, expected in zip(choice.logprobs.top_logprobs[1:], output.prompt_top_logprobs):
+            assert list(top) == [reference.tokenizer.decode([t]) for t in expected]
+            close(list(top.values()), list(expected.values()))
+    assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == 9
+
+
+def test_echo_with_a_completion_puts_the_prompt_first(client, reference):
+    params = SamplingParams(max_tokens=6, seed=8, ignore_eos=True, logprobs=True, prompt_logprobs=0)
+    want = reference.generate(["hello there"], params)[0]
+    got = client.completions.create(model="tiny", prompt="hello there", max_tokens=6, seed=8, echo=True, logprobs=0,
+                                    extra_body=dict(ignore_eos=True))
+    choice, sample = got.choices[0], want.samples[0]
+    assert choice.text == "hello there" + sample.text
+    assert len(choice.logprobs.tokens) == len(want.prompt_token_ids) + 6
+    close(choice.logprobs.token_logprobs[1:], want.prompt_logprobs + sample.logprobs)
+    plain = client.completions.create(model="tiny", prompt="hello there", max_tokens=3, seed=8, echo=True)
+    assert plain.choices[0].text.startswith("hello there") and plain.choices[0].logprobs is None
+
+
+def test_echo_refused_when_streaming(client):
+    with pytest.raises(openai.BadRequestError, match="echo is not supported with stream=true"):
+        client.completions.create(model="tiny", prompt=[1, 2], echo=True, stream=True)

@@ -8,7 +8,7 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from rollout.outputs import Sample
+from rollout.outputs import RolloutOutput, Sample
 from rollout.serve.state import ServerState, state
 from rollout.serve.errors import APIError, error_body, status_of
 from rollout.serve.protocol import CompletionRequest
@@ -35,7 +35,7 @@ async def completions(body: CompletionRequest, request: Request):
     """Completions of each prompt (text or token ids); choice index = prompt index * n + sample index."""
     s = state(request)
     check_model(s, body.model)
-    params = body.sampling_params(body.logprobs)
+    params = body.completion_params()
     rid = body.request_id or s.new_id("cmpl")
     tokenizer = s.engine.tokenizer
     prompts = [tokenize(tokenizer, p, "prompt") for p in body.prompt]
@@ -49,7 +49,7 @@ async def completions(body: CompletionRequest, request: Request):
     choices, completion_tokens = [], 0
     for i, output in enumerate(outputs):
         for j, sample in enumerate(output.samples):
-            choices.append(_choice(i * params.n + j, sample, output.prompt_token_ids, body, tokenizer))
+            choices.append(_choice(i * params.n + j, output, sample, body, tokenizer))
             completion_tokens += len(sample.token_ids)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name,
@@ -70,15 +70,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _choice(index: int, sample: Sample, prompt_ids: list[int], body: CompletionRequest, tokenizer) -> dict:
-    choice = {"index": index, "text": sample.text or "", "finish_reason": sample.finish_reason,
+def _choice(index: int, output: RolloutOutput, sample: Sample, body: CompletionRequest, tokenizer) -> dict:
+    prompt_ids = output.prompt_token_ids
+    text = sample.text or ""
+    if body.echo:
+        prompt = body.prompt[index // body.n]
+        text = (prompt if isinstance(prompt, str) else "".join(token_text(tokenizer, t) for t in prompt)) + text
+    choice = {"index": index, "text": text, "finish_reason": sample.finish_reason,
               "stop_reason": sample.stop_reason, "weight_version": sample.weight_version,
-              "logprobs": _logprobs(sample.token_ids, sample.logprobs, sample.top_logprobs, tokenizer, 0)
-              if body.logprobs is not None else None}
+              "logprobs": _choice_logprobs(output, sample, body, tokenizer) if body.logprobs is not None else None}
     if body.return_token_ids:
         choice.update(prompt_token_ids=prompt_ids, token_ids=sample.token_ids,
                       weight_versions=sample.token_weight_versions)
     return choice
+
+
+def _choice_logprobs(output: RolloutOutput, sample: Sample, body: CompletionRequest, tokenizer) -> dict:
+    """The choice's logprobs object; with echo the prompt's tokens come first (the first one has no logprob)."""
+    ids, logprobs, tops = sample.token_ids, sample.logprobs or [], sample.top_logprobs
+    if body.echo:
+        ids = output.prompt_token_ids + ids
+        logprobs = [None] + output.prompt_logprobs + logprobs
+        if body.logprobs:
+            tops = [None] + output.prompt_top_logprobs + (tops or [])
+    return _logprobs(ids, logprobs, tops, tokenizer, 0)
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -94,7 +109,8 @@ def _logprobs(token_ids, logprobs, top_logprobs, tokenizer, offset: int) -> dict
         offsets.append(offset)
         offset += len(text)
     tops = None if top_logprobs is None else [
-        {token_text(tokenizer, t): finite(lp) for t, lp in top.items()} for top in top_logprobs]
+        None if top is None else {token_text(tokenizer, t): finite(lp) for t, lp in top.items()}
+        for top in top_logprobs]
     return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs or []], "top_logprobs": tops,
             "text_offset": offsets}
 

@@ -54,12 +54,13 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported; leave it out")
         return self
 
-    def sampling_params(self, logprobs: Optional[int]) -> SamplingParams:
-        """The engine's SamplingParams; `logprobs` (None: none) most likely tokens besides the sampled one."""
+    def sampling_params(self, logprobs: Optional[int], prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        """The engine's SamplingParams; `logprobs` (None: none) most likely tokens besides the sampled one,
+        `prompt_logprobs` (None: no prompt scoring) at each prompt token."""
         fields = dict(n=self.n, max_tokens=16 if self.max_tokens is None else self.max_tokens,
                       min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, seed=self.seed,
                       stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
-                      logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+                      logprobs=logprobs is not None, top_logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if getattr(self, name) is not None:
@@ -72,7 +73,9 @@ class CompletionRequest(SamplingFields):
 
     prompt: Any
     logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, description="Put the prompt before each choice's text; with logprobs, the prompt "
+                                          "tokens' logprobs (the first None) before the completion's. "
+                                          "max_tokens=0 then scores the prompt without generating.")
     suffix: Optional[str] = None
 
     @field_validator("prompt")
@@ -82,11 +85,16 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _unsupported_here(self):
-        if self.echo:
-            raise ValueError("echo is not supported; leave it out or false (return_token_ids gives the prompt ids)")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream=true; send it without stream")
         if self.suffix:
             raise ValueError("suffix is not supported; leave it out")
         return self
+
+    def completion_params(self) -> SamplingParams:
+        """The engine's SamplingParams; with echo and logprobs (or max_tokens=0) the prompt is scored too."""
+        score = self.echo and (self.logprobs is not None or self.max_tokens == 0)
+        return self.sampling_params(self.logprobs, (self.logprobs or 0) if score else None)
 
 
 def prompts_of(value) -> list:
