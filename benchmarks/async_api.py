@@ -54,7 +54,7 @@ async def _stream_latency(engine, prompts, params) -> dict:
 
 
 def report_async(args, prompts, params, max_len: int) -> None:
-    engine = AsyncRolloutEngine(model=args.checkpoint, dtype="bfloat16" if args.device != "cpu" else "float32",
+    engine = AsyncRolloutEngine(**args.source, dtype="bfloat16" if args.device != "cpu" else "float32",
                                 device=args.device, max_num_seqs=len(prompts), max_model_len=max_len,
                                 max_num_batched_tokens=16384, num_decode_steps=args.decode_steps)
     warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)

@@ -82,6 +82,19 @@ def write_random_checkpoint(config_json: Path, out: Path, dtype=torch.bfloat16, 
     return out
 
 
+def model_source(config_json: Path, checkpoint: Path, random_weights: bool, device: str = "cuda") -> dict:
+    """Engine keyword arguments naming a benchmark's model. random_weights: `checkpoint` gets the config alone and
+    the engine draws random weights on the device (load_format='dummy'; for models too large to write to the
+    disk, e.g. Qwen3-30B-A3B's 61 GB); else the random checkpoint is written there first if it is missing."""
+    if random_weights:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        AutoConfig.for_model(**json.loads(config_json.read_text())).save_pretrained(checkpoint)
+        return dict(model=str(checkpoint), load_format="dummy")
+    if not (checkpoint / "config.json").exists():
+        write_random_checkpoint(config_json, checkpoint, device=device)
+    return dict(model=str(checkpoint))
+
+
 def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn` (CUDA synchronized around each call), warm-up calls excluded."""
     times = []

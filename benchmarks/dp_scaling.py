@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from rollout import RolloutEngine, SamplingParams
 
 
@@ -43,8 +43,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint))
+    model_source(Path(args.config), Path(args.checkpoint), random_weights=False)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(128)] for _ in range(args.prompts)]

@@ -37,7 +37,7 @@ def _timed_call(engine, prompts, params, routes: bool) -> float:
 
 
 def report_routed_experts(args, prompts, params, max_len: int) -> None:
-    engine = RolloutEngine(model=args.checkpoint, dtype="bfloat16" if args.device != "cpu" else "float32",
+    engine = RolloutEngine(**args.source, dtype="bfloat16" if args.device != "cpu" else "float32",
                            device=args.device, max_num_seqs=len(prompts), max_model_len=max_len,
                            max_num_batched_tokens=16384, num_decode_steps=args.decode_steps,
                            enable_prefix_caching=False)

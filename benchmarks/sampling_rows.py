@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from rollout import RolloutEngine, SamplingParams
 
 ROWS = {"plain": {}, "top_p=0.95": dict(top_p=0.95), "top_k=50": dict(top_k=50), "min_p=0.05": dict(min_p=0.05),
@@ -77,8 +77,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="'cpu' runs it without a GPU (e.g. a tiny config)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
+    model_source(Path(args.config), Path(args.checkpoint), random_weights=False, device=args.device)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     rates = run_rows(args, vocab)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from rollout import RolloutEngine, SamplingParams
 
 FORMS = {"prefill (max_tokens=1)": SamplingParams(max_tokens=1, ignore_eos=True),
@@ -37,8 +37,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
+    model_source(Path(args.config), Path(args.checkpoint), random_weights=False, device=args.device)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     engine = RolloutEngine(model=args.checkpoint, dtype="bfloat16", device=args.device,
                            max_model_len=args.input_len + 16, max_num_batched_tokens=args.max_num_batched_tokens,

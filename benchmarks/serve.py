@@ -30,7 +30,7 @@ import httpx
 import torch
 
 from benchmarks.async_api import _async_call, _percentiles, _stream_latency
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from benchmarks.throughput import workload
 from rollout import AsyncRolloutEngine, SamplingParams
 from weight_sync import free_port
@@ -153,8 +153,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     args.workload = "fixed"
-    if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
+    model_source(Path(args.config), Path(args.checkpoint), random_weights=False, device=args.device)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     prompts, params, max_len = workload(args, vocab)
     settings = engine_settings(args, prompts, max_len)

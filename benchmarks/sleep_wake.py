@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import MODELS, git_commit, median_time, write_random_checkpoint
+from benchmarks.common import MODELS, git_commit, median_time, model_source
 from rollout import RolloutEngine, SamplingParams
 
 GiB = 1 << 30
@@ -65,15 +65,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, default=MODELS / "qwen3-8b.json")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/qwen3-8b"))
+    parser.add_argument("--random-weights", action="store_true", help="config alone; the engine draws its weights")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between sleep and wake (the trainer step)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        t = timed(lambda: write_random_checkpoint(args.config, args.checkpoint))
-        print(f"wrote random checkpoint {args.checkpoint} in {t:.1f} s")
-    engine = RolloutEngine(model=str(args.checkpoint), device="cuda", dtype="bfloat16", enable_sleep_mode=True,
+    source = model_source(args.config, args.checkpoint, args.random_weights)
+    engine = RolloutEngine(**source, device="cuda", dtype="bfloat16", enable_sleep_mode=True,
                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=4096)
     prompts = [[11 + k, 300 + k, 7000 + k] * 5 for k in range(4)]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.async_api import report_async
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from benchmarks.routed_experts import report_routed_experts
 from rollout import EngineConfig, RolloutEngine, SamplingParams
 
@@ -86,9 +86,9 @@ class StepTimer:
         worker.launch, worker.resume = timed_launch, timed_resume
 
 
-def run_ours(checkpoint: str, prompts, params, max_model_len: int,
+def run_ours(source: dict, prompts, params, max_model_len: int,
              decode_steps: int) -> tuple[float, StepTimer, RolloutEngine]:
-    engine = RolloutEngine(model=checkpoint, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=max_model_len,
+    engine = RolloutEngine(**source, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=max_model_len,
                            max_num_batched_tokens=16384, num_decode_steps=decode_steps)
     warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     engine.generate(prompts[:8], warm, use_tqdm=False)
@@ -100,10 +100,16 @@ def run_ours(checkpoint: str, prompts, params, max_model_len: int,
     return tokens / seconds, timer, engine
 
 
-def run_transformers(checkpoint: str, prompts, new_tokens: int) -> float:
-    from transformers import AutoModelForCausalLM
+def run_transformers(source: dict, prompts, new_tokens: int) -> float:
+    """transformers `generate` output tokens / s on the same model (random weights: its own, drawn on the GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    if source.get("load_format") == "dummy":
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source["model"]),
+                                                     dtype=torch.bfloat16).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source["model"], dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor(prompts, device="cuda")
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     with torch.inference_mode():
@@ -181,7 +187,7 @@ def grpo_forms(args, vocab: int, rng: random.Random) -> dict[str, tuple[list[lis
 
 def run_grpo(args, vocab: int) -> dict[str, float]:
     """Median output tokens / s of each form over --repeats alternating calls, after a warm-up call of each."""
-    engine = RolloutEngine(model=args.checkpoint, dtype="bfloat16", device=args.device,
+    engine = RolloutEngine(**args.source, dtype="bfloat16", device=args.device,
                            max_num_seqs=args.prompts * args.n, max_model_len=args.input_len + args.output_len + 16,
                            max_num_batched_tokens=16384, num_decode_steps=args.decode_steps)
     rng, rates = random.Random(0), {}
@@ -219,6 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="no checkpoint files: --checkpoint gets the config alone and both engines draw random "
+                             "weights on the device (e.g. Qwen3-30B-A3B, 61 GB)")
     parser.add_argument("--prompts", type=int, help="default 256 (grpo: 64)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
@@ -243,8 +252,7 @@ def main() -> None:
         parser.error("--device applies to --workload grpo and --api async only (the others measure against the "
                      "GPU's roofline)")
     args.prompts = args.prompts or (64 if args.workload == "grpo" else 256)
-    if not (Path(args.checkpoint) / "config.json").exists():
-        write_random_checkpoint(Path(args.config), Path(args.checkpoint), device=args.device)
+    args.source = model_source(Path(args.config), Path(args.checkpoint), args.random_weights, args.device)
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     if args.workload == "grpo":
         report_grpo(args, vocab)
@@ -257,13 +265,13 @@ def main() -> None:
         report_routed_experts(args, prompts, params, max_len)
         return
     bandwidth = copy_bandwidth()
-    ours, timer, engine = run_ours(args.checkpoint, prompts, params, max_len, args.decode_steps)
+    ours, timer, engine = run_ours(args.source, prompts, params, max_len, args.decode_steps)
     step = roofline(engine, timer, bandwidth)
     engine.shutdown()
     del engine
     torch.cuda.empty_cache()
     skip = args.skip_transformers or args.workload != "fixed"
-    theirs = None if skip else run_transformers(args.checkpoint, prompts, args.output_len)
+    theirs = None if skip else run_transformers(args.source, prompts, args.output_len)
     facts = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(0), commit=git_commit(),
                  model=Path(args.config).stem, workload=args.workload, prompts=args.prompts, input_len=args.input_len,
                  output_len=args.output_len, decode_steps=args.decode_steps, ours_tok_s=ours, transformers_tok_s=theirs, decode=step)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import git_commit, write_random_checkpoint
+from benchmarks.common import git_commit, model_source
 from rollout import RolloutEngine, TransferInitInfo, run_together
 
 GiB = 1 << 30
@@ -136,22 +136,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="where the engine's random checkpoint is (or goes)")
+    parser.add_argument("--random-weights", action="store_true", help="config alone; the engine draws its weights")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, nargs="+", default=[0], help="0: the sender's automatic size")
     parser.add_argument("--skip-ipc", action="store_true")
     parser.add_argument("--skip-nccl", action="store_true", help="IPC only (a one-GPU machine)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").exists():
-        write_random_checkpoint(Path(args.config), checkpoint)
+    source = model_source(Path(args.config), Path(args.checkpoint), args.random_weights)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     trainer = ctx.Process(target=_trainer, args=(child, args.config), daemon=True)
     trainer.start()
     rows: list[dict] = []
     engine_kw = dict(dtype="bfloat16", kv_cache_memory_bytes=GiB, max_model_len=4096)
-    engine = RolloutEngine(model=str(checkpoint), device="cuda:0" if args.skip_nccl else "cuda:1", **engine_kw)
+    engine = RolloutEngine(**source, device="cuda:0" if args.skip_nccl else "cuda:1", **engine_kw)
     layout = engine.worker.pool.weight_layout
     nbytes = sum(entry.nbytes for entry in layout)
     conn.send(("kernel", [(e.name, str(e.dtype).removeprefix("torch."), e.shape) for e in layout]))
@@ -161,7 +160,7 @@ def main() -> None:
         engine.shutdown()
         engine = None
     if not args.skip_ipc:
-        engine = engine or RolloutEngine(model=str(checkpoint), device="cuda:0", **engine_kw)
+        engine = engine or RolloutEngine(**source, device="cuda:0", **engine_kw)
         run_backend(conn, "ipc", engine, args, nbytes, rows)
     conn.send(("exit", None))
     conn.recv()

@@ -146,3 +146,24 @@ def test_missing_directory_and_config_are_checkpoint_errors(tmp_path):
         engine_for(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="has no config.json"):
         engine_for(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "qwen3-moe"])
+def test_dummy_weights_from_a_config_alone(checkpoint_dir, tmp_path, variant):
+    """load_format='dummy' on a directory with only config.json: random weights with the benchmarks' distribution
+    (std 0.02, norms near 1), the same for the same seed; a checkpoint-format update over them serves exactly what
+    an engine loaded from that checkpoint serves."""
+    source = checkpoint_dir(variant)
+    path = tmp_path / "config-only"
+    path.mkdir()
+    shutil.copy(source / "config.json", path)
+    engine = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8, load_format="dummy")
+    params = dict(engine.worker.model.named_parameters())
+    norm = params["model.norm.weight"].float()
+    assert abs(norm.mean().item() - 1.0) < 0.01 and 0.01 < norm.std().item() < 0.03
+    embed = params["model.embed_tokens.weight"].float()
+    assert abs(embed.mean().item()) < 0.002 and abs(embed.std().item() - 0.02) < 0.002
+    again = RolloutEngine(model=str(path), device="cpu", num_kv_blocks=64, block_size=8, load_format="dummy")
+    assert greedy(engine) == greedy(again)
+    engine.load_weights(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict().items())
+    assert greedy(engine) == greedy(engine_for(source))

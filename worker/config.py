@@ -43,6 +43,11 @@ class WorkerConfig(BaseModel):
         "num_experts / expert_parallel_size experts, their intermediate dim split over the tensor_parallel_size / "
         "expert_parallel_size ranks of its group); must divide tensor_parallel_size and num_experts."
     )
+    load_format: Literal["safetensors", "dummy"] = Field(
+        "safetensors", description="'dummy': random weights (normal, std 0.02; norms near 1) drawn on the device "
+        "for the config in `model` (config.json alone is enough; every rank draws its own), for benchmarks of "
+        "models too large to write as a checkpoint. Weight updates load over them as usual."
+    )
     enable_sleep_mode: bool = Field(False, description="Keep weights and KV cache in the sleepable memory pool.")
     check_finite_weights: bool = Field(
         False, description="Refuse weights holding NaN or Inf with a CheckpointError (a checkpoint at construction; "

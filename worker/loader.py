@@ -73,6 +73,18 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def fill_random(model: torch.nn.Module, seed: int) -> None:
+    """Random weights in place (load_format='dummy'): normal with std 0.02, plus 1 for norm weights (the
+    distribution of the benchmarks' random checkpoints), drawn in float32 on each parameter's device from a
+    generator seeded with `seed`, 2**26 values at a time."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
+        for part in param.data.view(-1).split(1 << 26):
+            values = torch.randn(part.shape, generator=gen, device=part.device, dtype=torch.float32).mul_(0.02)
+            part.copy_(values.add_(1.0) if name.endswith("norm.weight") else values)
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (single file or sharded with an index)."""
     root = Path(path)

@@ -12,8 +12,8 @@ from weight_sync import Receiver, TransferInitInfo, UpdateInfo, WeightTransferEr
 from worker.attention import get_attention_backend
 from worker.config import WorkerConfig
 from worker.errors import EngineSleepingError, WeightsInvalidError
-from worker.loader import (check_tensors, checkpoint_files, checkpoint_headers, iter_checkpoint, load_config,
-                           named_tensors, nonfinite, report_nonfinite)
+from worker.loader import (check_tensors, checkpoint_files, checkpoint_headers, fill_random, iter_checkpoint,
+                           load_config, named_tensors, nonfinite, report_nonfinite)
 from worker.memory import MemoryPool
 from worker.memory.pool import KV_CACHE, TAGS, WEIGHTS
 from worker.memory.report import MemoryReport, memory_report
@@ -72,7 +72,8 @@ class Worker:
             torch.cuda.set_device(self.device)
 
     def load_model(self) -> None:
-        """Build the kernel-format model from the checkpoint's config and load its safetensors."""
+        """Build the kernel-format model from the checkpoint's config and load its safetensors (or, with
+        load_format='dummy', draw random weights)."""
         self.hf_config = load_config(Path(self.config.model))
         if self.tp_init is not None:
             hf = self.hf_config
@@ -97,6 +98,9 @@ class Worker:
         for module in self.model.modules():
             for key, buffer in module._buffers.items():
                 module._buffers[key] = buffer.to(self.device)
+        if self.config.load_format == "dummy":
+            fill_random(self.model, seed=self.tp.rank if self.tp is not None else 0)
+            return
         files = checkpoint_files(self.config.model)
         given = checkpoint_headers(files)
         source = f"checkpoint {self.config.model}"
