@@ -36,7 +36,7 @@ CASES = [
     ("POST", "/v1/completions", {"prompt": OK_PROMPT, "stop": [""]}, 400, "stop"),
     ("POST", "/v1/completions", {"prompt": OK_PROMPT, "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
     ("POST", "/v1/completions", {"prompt": OK_PROMPT, "foo": 1}, 400, "foo"),
-    ("POST", "/v1/completions", {"prompt": OK_PROMPT, "echo": True}, 400, "echo"),
+    ("POST", "/v1/completions", {"prompt": OK_PROMPT, "echo": True, "stream": True}, 400, "echo"),
     ("POST", "/v1/completions", {"prompt": OK_PROMPT, "model": "gpt-9"}, 404, "gpt-9"),
     ("POST", "/v1/completions", {"prompt": OK_PROMPT, "stream": True, "n": -2}, 400, "n"),
     ("POST", "/generate", {"sampling_params": {}}, 400, "input_ids"),
