@@ -104,3 +104,33 @@ def test_bad_prompt_logprobs_raise_clear_errors(checkpoint_dir):
     engine = RolloutEngine(model=str(checkpoint_dir("qwen3")), device="cpu", num_kv_blocks=32)
     with pytest.raises(InvalidRequestError, match="prompt_logprobs=385 exceeds the vocabulary size 384"):
         engine.generate([[1, 2]], SamplingParams(prompt_logprobs=385), use_tqdm=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_token_logprobs_equal_float64_log_softmax(dtype):
+    """The scoring kernel (Triton's interpreter on CPU, natively on CUDA), over a vocabulary of three chunks with
+    -inf entries: log_softmax of the logits (as float32) at the targets, against float64."""
+    pytest.importorskip("triton")
+    from worker.kernels.sampling import token_logprobs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 20000, generator=gen) * 4).to(dtype)
+    logits[1, ::7] = float("-inf")
+    targets = torch.randint(0, 20000, (5,), generator=gen)
+    targets[1] = 1  # not a -inf entry (1 % 7 != 0)
+    want = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]
+    got = token_logprobs(logits.to(device), targets.to(device)).cpu()
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_scoring_kernel_path_equals_the_log_softmax_path():
+    """score_rows on CUDA without top logprobs (the kernel) equals the float32 log-softmax path (with top)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(151936, 256, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.05
+    hidden = torch.randn(700, 256, device="cuda", generator=gen, dtype=torch.bfloat16)
+    targets = torch.randint(0, 151936, (700,), device="cuda", generator=gen)
+    fused = scoring.score_rows(lambda h: h @ weight.T, hidden, targets, 0)[0]
+    reference = scoring.score_rows(lambda h: h @ weight.T, hidden, targets, 1)[0]
+    torch.testing.assert_close(fused, reference, atol=2e-5, rtol=0)

@@ -2,12 +2,15 @@
 
 The LM head and the log-softmax run over blocks of rows, so that at most ROW_ELEMENTS float32 logits (and their
 log-softmax) exist at once, whatever the prompt's length: a 32k-token prompt never makes a [tokens x vocab]
-tensor.
+tensor. On CUDA without top logprobs (the common case: recomputing a rollout's logprobs) a Triton kernel reads each
+block of logits once in its dtype (`worker.kernels.sampling.token_logprobs`) instead of a float32 log-softmax.
 """
 
 from __future__ import annotations
 
 import torch
+
+from worker import kernels
 
 ROW_ELEMENTS = 1 << 26  # float32 logits per block of rows: 256 MiB (441 rows of a 151,936-token vocabulary)
 
@@ -24,15 +27,20 @@ def score_rows(compute_logits, hidden: torch.Tensor, targets: torch.Tensor,
     step = None
     start = 0
     while start < rows:
-        logits = compute_logits(hidden[start : start + (step or 1)]).float()
+        logits = compute_logits(hidden[start : start + (step or 1)])
         if step is None:  # the first block (one row) tells the vocabulary size
             step = max(1, ROW_ELEMENTS // logits.shape[1])
         end = start + logits.shape[0]
-        scores = torch.log_softmax(logits, dim=-1)
-        del logits
-        logprobs[start:end] = scores.gather(1, targets[start:end, None])[:, 0]
-        if top:
-            top_values[start:end], top_ids[start:end] = _topk(scores, top)
+        if not top and kernels.use_for(logits):  # one read of the logits in their dtype
+            from worker.kernels.sampling import token_logprobs
+
+            logprobs[start:end] = token_logprobs(logits, targets[start:end])
+        else:
+            scores = torch.log_softmax(logits.float(), dim=-1)
+            del logits
+            logprobs[start:end] = scores.gather(1, targets[start:end, None])[:, 0]
+            if top:
+                top_values[start:end], top_ids[start:end] = _topk(scores, top)
         start = end
     return logprobs, top_ids, top_values
 

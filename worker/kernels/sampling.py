@@ -156,3 +156,28 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
                                    BLOCK=BLOCK, MAX_CHUNKS=max_chunks, num_warps=4)
     _pick_kernel[(rows,)](logits, logits.stride(0), temperature, use_raw, stats, token_ids, logprobs, chunks,
                           MAX_CHUNKS=max_chunks, num_warps=1)
+
+
+@triton.jit
+def _target_kernel(logits_ptr, stride_row, target_ptr, stats_ptr, logprob_ptr, num_chunks, MAX_CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # offsets below can pass 2**31
+    _, lse_raw, _ = _log_sum_exps(stats_ptr, row, 1.0, num_chunks, MAX_CHUNKS)
+    x = tl.load(logits_ptr + row * stride_row + tl.load(target_ptr + row)).to(tl.float32)
+    tl.store(logprob_ptr + row, x - lse_raw)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[row, targets[row]] in float32 ([S]) for `logits` [S, V] in any float dtype, read once
+    per chunk (no float32 copy of the logits, no [S, V] output): prompt scoring's common case."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1 and targets.shape == (rows,)
+    chunks = triton.cdiv(vocab, CHUNK)
+    stats = torch.empty(rows, chunks, 8, device=logits.device, dtype=torch.float32)
+    ones = torch.ones(rows, device=logits.device, dtype=torch.float32)
+    out = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows:
+        _stats_kernel[(rows, chunks)](logits, logits.stride(0), ones, stats, vocab, CHUNK=CHUNK, BLOCK=BLOCK,
+                                      num_warps=4)
+        _target_kernel[(rows,)](logits, logits.stride(0), targets, stats, out, chunks,
+                                MAX_CHUNKS=max(2, triton.next_power_of_2(chunks)), num_warps=1)
+    return out
