@@ -31,13 +31,16 @@ class StopRules:
         """Append `tokens` (consecutive samples of `seq`) up to the first that ends it; returns how many were
         taken. Each taken token is stamped with the weight `version` that produced it."""
         p = seq.params
+        room = min(seq.max_output - seq.num_output, self.max_model_len - seq.num_tokens)
+        if room <= 0:  # e.g. max_tokens=0 (prompt scoring): the step's token is not the sample's
+            seq.finish_reason = "length"
+            return 0
         if p.stop:  # stop strings: decode after every token
             for taken in range(1, len(tokens) + 1):
                 self._extend(seq, tokens, logprobs, top, taken - 1, taken, version)
                 if self._ends(seq):
                     return taken
             return len(tokens)
-        room = min(seq.max_output - seq.num_output, self.max_model_len - seq.num_tokens)
         take = min(len(tokens), room)
         stops = self.stop_ids(p)
         first = max(0, p.min_tokens - seq.num_output - 1)  # stop tokens count once min_tokens are out

@@ -151,3 +151,12 @@ def test_echo_with_a_completion_puts_the_prompt_first(client, reference):
 def test_echo_refused_when_streaming(client):
     with pytest.raises(openai.BadRequestError, match="echo is not supported with stream=true"):
         client.completions.create(model="tiny", prompt=[1, 2], echo=True, stream=True)
+
+
+def test_echo_scoring_with_stop_strings_generates_nothing(client, reference):
+    """max_tokens=0 with stop strings (as loglikelihood requests send them): the text is the prompt alone."""
+    got = client.completions.create(model="tiny", prompt="hello there", max_tokens=0, echo=True, logprobs=0,
+                                    stop=["\n"])
+    want = reference.generate(["hello there"], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert got.choices[0].text == "hello there" and got.usage.completion_tokens == 0
+    assert len(got.choices[0].logprobs.tokens) == len(want.prompt_token_ids)
