@@ -10,9 +10,11 @@ with probability below 1e-6 (see `_check_empirical`).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
+from worker.penalties import PenaltyTensors
 from worker.sampler import SamplingTensors, sample
 
 V = 50
@@ -163,3 +165,19 @@ def _draws(logits_row: torch.Tensor, n: int, seed_base: int, **settings):
 # --------------------------------------------------------------------------------------------
 # Greedy
 # --------------------------------------------------------------------------------------------
+
+
+def penalty_tensors(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+                    repetition: Sequence[float], presence: Sequence[float], frequency: Sequence[float],
+                    vocab_size: int, device: torch.device | str = "cpu") -> PenaltyTensors:
+    """PenaltyTensors for rows given as host lists, built independently of the engine's device-side
+    `fill_penalty_state` (the tests' reference state)."""
+    rows = len(prompts)
+    counts = torch.zeros(rows, vocab_size, dtype=torch.int32)
+    mask = torch.zeros(rows, vocab_size, dtype=torch.bool)
+    for row, (prompt, output) in enumerate(zip(prompts, outputs)):
+        mask[row, list(prompt)] = True
+        counts[row].index_add_(0, torch.as_tensor(list(output), dtype=torch.int64),
+                               torch.ones(len(output), dtype=torch.int32))
+    floats = [torch.tensor(list(v), dtype=torch.float32) for v in (repetition, presence, frequency)]
+    return PenaltyTensors(*(v.to(device) for v in floats), counts.to(device), mask.to(device))

@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("triton")  # conftest selected the interpreter when there is no CUDA
 
-from worker.penalties import PenaltyTensors, penalty_tensors, record_tokens  # noqa: E402
+from worker.penalties import PenaltyTensors, record_tokens  # noqa: E402
 from worker.sampler import fused_filtered_sample, sample, torch_sample  # noqa: E402
 
-from sampling_reference import _check_empirical, make_tensors, random_logits  # noqa: E402
+from sampling_reference import _check_empirical, make_tensors, penalty_tensors, random_logits  # noqa: E402
 from worker.kernels import filtered_sampling  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

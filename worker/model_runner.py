@@ -226,6 +226,8 @@ def _advance(chunk: SeqChunk, token: int) -> SeqChunk:
     penalties = info.penalties and replace(info.penalties, output_ids=info.penalties.output_ids + [token])
     return SeqChunk([token], chunk.start_pos + len(chunk.token_ids), chunk.block_table,
                     replace(info, step=info.step + 1, penalties=penalties))
+
+
 def _to_step_output(out: SamplerOutput, infos: list[SamplingInfo]) -> StepOutput:
     """Copy one step's sampler results to the host (the step's one synchronisation) as Python values."""
     k = out.top_ids.shape[1]

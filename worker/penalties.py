@@ -42,21 +42,6 @@ class PenaltyTensors:
                                  f"{value.dtype} {tuple(value.shape)}")
 
 
-def penalty_tensors(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
-                    repetition: Sequence[float], presence: Sequence[float], frequency: Sequence[float],
-                    vocab_size: int, device: torch.device | str = "cpu") -> PenaltyTensors:
-    """PenaltyTensors for rows given as host lists (the eager path; graphs keep the state on the device)."""
-    rows = len(prompts)
-    counts = torch.zeros(rows, vocab_size, dtype=torch.int32)
-    mask = torch.zeros(rows, vocab_size, dtype=torch.bool)
-    for row, (prompt, output) in enumerate(zip(prompts, outputs)):
-        mask[row, list(prompt)] = True
-        counts[row].index_add_(0, torch.as_tensor(list(output), dtype=torch.int64),
-                               torch.ones(len(output), dtype=torch.int32))
-    floats = [torch.tensor(list(v), dtype=torch.float32) for v in (repetition, presence, frequency)]
-    return PenaltyTensors(*(v.to(device) for v in floats), counts.to(device), mask.to(device))
-
-
 def fill_penalty_state(output_counts: torch.Tensor, prompt_mask: torch.Tensor, prompts: Sequence[Sequence[int]],
                        outputs: Sequence[Sequence[int]]) -> None:
     """Set rows 0..len(prompts)-1 of the device state from token lists: one copy of the token ids to the device

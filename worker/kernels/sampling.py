@@ -7,7 +7,9 @@ The vocabulary is cut into chunks so that every row keeps many programs busy:
    log_softmax(scaled) + gumbel noise, with the same counter-based hash as
    `worker.sampler.hashed_uniform`, so it picks the tokens the torch sampler picks;
 3. per row: the winning chunk, and the chosen token's logprob.
-Rows that need top-k, top-p, min-p, banned tokens or top logprobs use the torch sampler.
+Rows that need top-k, top-p, min-p, banned tokens, penalties or top logprobs use the fused filtered sampler
+(`worker.kernels.filtered_sampling`). `token_logprobs` reuses (1) for prompt scoring: the log-softmax of given
+tokens, the logits read once.
 """
 
 from __future__ import annotations
